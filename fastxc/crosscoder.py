@@ -1,0 +1,2 @@
+class Crosscoder: pass
+class CrosscoderOutput: pass

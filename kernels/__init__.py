@@ -1,0 +1,1 @@
+"""fastxc.kernels: fused crosscoder / SAE kernels (depends on torch and triton only)."""

@@ -1,0 +1,32 @@
+"""Build script: the Python packages plus the C++ extension ``fastxc._C``.
+
+``kernels/`` is installed as ``fastxc.kernels`` (it depends on torch and triton only), so no
+top-level module called ``kernels`` is ever installed.
+"""
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+
+ext_modules = [
+    Pybind11Extension(
+        "fastxc._C",
+        sources=["csrc/fastxc_C.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"] + openmp,
+        extra_link_args=openmp,
+    ),
+]
+
+packages = find_packages(include=["fastxc", "fastxc.*"]) + ["fastxc.kernels"]
+
+setup(
+    packages=packages,
+    package_dir={"fastxc.kernels": "kernels"},
+    package_data={"fastxc": ["data/*.json"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)
