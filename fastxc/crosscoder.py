@@ -1,2 +1,397 @@
-class Crosscoder: pass
-class CrosscoderOutput: pass
+"""The crosscoder module: a sparse autoencoder over the concatenated activations of n sources.
+
+Math (sources concatenated, source i has width d_i, D = sum d_i, F features):
+
+    pre    = x @ W_enc.T + b_enc                     x [B, D], W_enc [F, D], pre [B, F]
+    f      = act(pre)                                relu | topk | batchtopk     f [B, F]
+    recon  = f @ W_dec + b_dec                       W_dec [F, D], recon [B, D]
+    loss   = sum_i mean_b ||recon_i - x_i||^2        per-source squared error
+           + l1_coef * mean_b sum_k f_k * sum_i ||W_dec[k, src_i]||_2      (relu only, seed eq. 5)
+           + aux_coef * AuxK                          (topk / batchtopk with aux_k > 0)
+
+Both weight matrices are stored feature-major ([F, D], row k is feature k), like
+``nn.Linear.weight``: every gradient of a sparse code is then a scatter into whole rows, written
+once, with no transposed copy. This file is the plain-torch *reference*; the fused kernels in
+``fastxc.kernels`` are tested against it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor, nn
+
+ACTIVATIONS = ("relu", "topk", "batchtopk")
+CONFIG_VERSION = 1
+
+
+class CrosscoderOutput(NamedTuple):
+    """What ``Crosscoder.forward`` returns. Scalars are 0-dim tensors."""
+
+    recon: Tensor  # same shape as the input: [B, D] or [B, n, d]
+    code: Tensor  # [B, F] dense feature activations
+    loss: Tensor  # total loss that training backpropagates: sum(mse) + sparsity + aux_coef * aux
+    mse: Tensor  # [n_sources] mean over the batch of ||recon_i - x_i||^2
+    fvu: Tensor  # [n_sources] fraction of variance unexplained per source (detached)
+    sparsity: Tensor  # l1_coef * decoder-norm-weighted L1 (relu), else 0
+    aux: Tensor  # AuxK loss before aux_coef (0 when off or no dead features)
+    l0: Tensor  # mean number of active features per row (detached)
+
+
+class Crosscoder(nn.Module):
+    """Sparse crosscoder over ``len(widths)`` sources.
+
+    Args:
+        widths: width of each source, e.g. ``[1536, 1536]`` (two models) or ``[512, 768]``.
+        n_features: dictionary size F.
+        activation: ``"topk"`` (k largest of relu(pre) per row), ``"batchtopk"`` (k*B largest
+            over the batch in training; a running threshold at inference) or ``"relu"``
+            (trained with the decoder-norm-weighted L1 penalty).
+        k: active features per row for topk / batchtopk.
+        aux_k: features in the AuxK dead-feature loss (0 turns it off).
+        aux_coef: weight of the AuxK loss in ``loss``.
+        l1_coef: weight of the decoder-norm-weighted L1 (relu). Training may warm it up by
+            passing ``l1_coef=`` to ``forward``.
+        dec_init_norm: L2 norm of each source's slice of each decoder row at init (a float, or
+            one per source).
+        dead_tokens: a feature that has not fired for this many training tokens is dead
+            (AuxK target and the trainer's dead-feature count).
+        threshold_momentum: EMA momentum of the batchtopk running threshold.
+        source_names: optional names, e.g. ``["base", "distilled"]``.
+
+    Example:
+        >>> cc = Crosscoder([64, 64], n_features=256, activation="topk", k=8)
+        >>> out = cc(torch.randn(32, 2, 64))
+        >>> out.recon.shape, out.code.shape
+        (torch.Size([32, 2, 64]), torch.Size([32, 256]))
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        n_features: int,
+        activation: str = "topk",
+        k: int = 32,
+        *,
+        aux_k: int = 0,
+        aux_coef: float = 1.0 / 32.0,
+        l1_coef: float = 1.0,
+        dec_init_norm: float | Sequence[float] = 0.1,
+        dead_tokens: int = 10_000_000,
+        threshold_momentum: float = 0.01,
+        source_names: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if len(widths) < 1 or any(w <= 0 for w in widths):
+            raise ValueError(f"widths must be a non-empty list of positive ints, got {widths}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        n_features = int(n_features)
+        if n_features <= 0:
+            raise ValueError(f"n_features must be positive, got {n_features}")
+        if activation in ("topk", "batchtopk") and not 0 < int(k) <= n_features:
+            raise ValueError(f"k must satisfy 0 < k <= n_features ({n_features}), got {k}")
+        if not 0 <= int(aux_k) <= n_features:
+            raise ValueError(f"aux_k must satisfy 0 <= aux_k <= n_features ({n_features}), got {aux_k}")
+        norms = [float(dec_init_norm)] * len(widths) if isinstance(dec_init_norm, (int, float)) else [float(v) for v in dec_init_norm]
+        if len(norms) != len(widths):
+            raise ValueError(f"dec_init_norm has {len(norms)} values for {len(widths)} sources")
+        if source_names is not None and len(source_names) != len(widths):
+            raise ValueError(f"source_names has {len(source_names)} names for {len(widths)} sources")
+
+        self.widths = widths
+        self.offsets = [0]
+        for w in widths:
+            self.offsets.append(self.offsets[-1] + w)
+        self.n_sources = len(widths)
+        self.d_total = self.offsets[-1]
+        self.n_features = n_features
+        self.activation = activation
+        self.k = int(k)
+        self.aux_k = int(aux_k)
+        self.aux_coef = float(aux_coef)
+        self.l1_coef = float(l1_coef)
+        self.dec_init_norm = norms
+        self.dead_tokens = int(dead_tokens)
+        self.threshold_momentum = float(threshold_momentum)
+        self.source_names = list(source_names) if source_names is not None else [f"source{i}" for i in range(len(widths))]
+
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(n_features, self.d_total, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(n_features, **factory))
+        self.W_dec = nn.Parameter(torch.empty(n_features, self.d_total, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_total, **factory))
+        # batchtopk's running threshold; negative means "not yet measured".
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=device))
+        # Per-source multiplier the training inputs were scaled by (store normalisation), kept
+        # with the model so analysis of raw activations uses the same scale.
+        self.register_buffer("input_scale", torch.ones(self.n_sources, dtype=torch.float32, device=device))
+        # Training tokens since each feature last fired (dead-feature statistics and AuxK).
+        self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64, device=device))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init and shapes
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random decoder directions with each source slice at ``dec_init_norm``; W_enc = W_dec.
+
+        The encoder starts as the decoder's transpose (in the math's [D, F] layout; here both
+        are [F, D], so it is a copy), which puts every feature's encoder on its own decoder
+        direction and avoids dead features at the start.
+        """
+        w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32, device=self.W_dec.device)
+        for i in range(self.n_sources):
+            s = slice(self.offsets[i], self.offsets[i + 1])
+            w[:, s] *= self.dec_init_norm[i] / w[:, s].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.threshold.fill_(-1.0)
+        self.tokens_since_fired.zero_()
+
+    def flatten_input(self, x: Tensor) -> Tensor:
+        """[B, D] or [B, n, d] (equal widths) -> [B, D]; raises ValueError on a shape mismatch."""
+        if x.dim() == 3:
+            if x.shape[1] != self.n_sources or any(w != x.shape[2] for w in self.widths):
+                raise ValueError(
+                    f"input of shape {tuple(x.shape)} does not match the crosscoder's widths {self.widths}"
+                    f" (expected [B, {self.n_sources}, d] with equal widths, or [B, {self.d_total}])"
+                )
+            return x.reshape(x.shape[0], self.d_total)
+        if x.dim() != 2 or x.shape[1] != self.d_total:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match the crosscoder's widths {self.widths}"
+                f" (expected [B, {self.d_total}] or [B, n, d])"
+            )
+        return x
+
+    def split(self, x2: Tensor) -> list[Tensor]:
+        """[B, D] -> the n per-source views [B, d_i]."""
+        return [x2[:, self.offsets[i] : self.offsets[i + 1]] for i in range(self.n_sources)]
+
+    # ------------------------------------------------------------------ pieces
+    def decoder_norms(self) -> Tensor:
+        """[F, n_sources]: L2 norm of each source's slice of each decoder row."""
+        if all(w == self.widths[0] for w in self.widths):
+            return self.W_dec.view(self.n_features, self.n_sources, self.widths[0]).norm(dim=-1)
+        return torch.stack([p.norm(dim=1) for p in self.split(self.W_dec)], dim=1)
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """x [B, D] or [B, n, d] -> pre [B, F] = x @ W_enc.T + b_enc."""
+        x2 = self.flatten_input(x)
+        return torch.addmm(self.b_enc, x2, self.W_enc.t())
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """pre [B, F] -> dense code f [B, F] for the configured activation.
+
+        batchtopk selects k*B over the batch while training and applies the running threshold
+        (a JumpReLU with one threshold) in eval mode, so inference needs no batch.
+        """
+        if self.activation == "relu":
+            return F_.relu(pre)
+        if self.activation == "topk":
+            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, idx, F_.relu(vals))
+        # batchtopk
+        if not self.training:
+            thr = self.threshold.item()
+            if thr < 0:
+                raise RuntimeError("batchtopk crosscoder has no running threshold yet: train it (or call .train()) first")
+            return pre * (pre > thr).to(pre.dtype)
+        flat = F_.relu(pre).flatten()
+        n_keep = min(self.k * pre.shape[0], flat.numel())
+        vals, idx = flat.topk(n_keep, sorted=False)
+        code = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+        with torch.no_grad():
+            positive = vals[vals > 0]
+            if positive.numel():
+                batch_thr = positive.min().float()
+                if self.threshold.item() < 0:
+                    self.threshold.copy_(batch_thr)
+                else:
+                    self.threshold.lerp_(batch_thr, self.threshold_momentum)
+        return code
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x [B, D] or [B, n, d] -> dense code f [B, F]."""
+        return self.activate(self.pre_activation(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """f [B, F] -> recon [B, D] = f @ W_dec + b_dec."""
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    def sparsity_penalty(self, f: Tensor, dec_norms: Tensor | None = None) -> Tensor:
+        """mean_b sum_k f[b,k] * sum_i ||W_dec[k, src_i]||_2 (seed paper eq. 5, without lambda)."""
+        if dec_norms is None:
+            dec_norms = self.decoder_norms()
+        return (f @ dec_norms.sum(dim=1)).mean()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, l1_coef: float | None = None) -> CrosscoderOutput:
+        """x [B, D] or [B, n, d] -> CrosscoderOutput (recon in the input's shape)."""
+        x2 = self.flatten_input(x)
+        pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
+        f = self.activate(pre)
+        recon2 = self.decode(f)
+
+        err = recon2 - x2
+        mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
+        loss = mse.sum()
+        zero = loss.new_zeros(())
+
+        sparsity = zero
+        if self.activation == "relu":
+            coef = self.l1_coef if l1_coef is None else float(l1_coef)
+            sparsity = coef * self.sparsity_penalty(f)
+            loss = loss + sparsity
+
+        aux = zero
+        active = f > 0
+        if self.training:
+            with torch.no_grad():
+                fired = active.any(dim=0)
+                self.tokens_since_fired.add_(x2.shape[0])
+                self.tokens_since_fired.masked_fill_(fired, 0)
+        if self.aux_k > 0 and self.activation in ("topk", "batchtopk") and self.training:
+            aux = self.aux_loss(pre, err)
+            loss = loss + self.aux_coef * aux
+
+        with torch.no_grad():
+            fvu = self.fvu(x2, recon2)
+            l0 = active.sum(dim=1).float().mean()
+        recon = recon2.view_as(x) if x.dim() == 3 else recon2
+        return CrosscoderOutput(recon, f, loss, mse, fvu, sparsity, aux, l0)
+
+    def dead_mask(self) -> Tensor:
+        """[F] bool: features that have not fired in the last ``dead_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def aux_loss(self, pre: Tensor, err: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024): the dead features' top-aux_k code reconstructs the residual.
+
+        pre [B, F], err = recon - x [B, D]. The residual target is detached; its reconstruction
+        uses W_dec only (no b_dec: the main reconstruction already holds it). Normalised by the
+        residual's variance so its scale does not depend on how well the main path fits.
+        """
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return pre.new_zeros(())
+        k_aux = min(self.aux_k, n_dead)
+        masked = pre.masked_fill(~dead, float("-inf"))
+        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+        code = torch.zeros_like(pre).scatter(-1, idx, F_.relu(vals))
+        target = -err.detach()  # x - recon
+        e_hat = code @ self.W_dec
+        denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+        return (e_hat - target).pow(2).sum(dim=1).mean() / denom
+
+    @torch.no_grad()
+    def fvu(self, x: Tensor, recon: Tensor) -> Tensor:
+        """[n_sources]: sum_b ||x_i - recon_i||^2 / sum_b ||x_i - mean_b x_i||^2 (x, recon [B, D])."""
+        x2, r2 = self.flatten_input(x), self.flatten_input(recon)
+        out = []
+        for xi, ri in zip(self.split(x2.float()), self.split(r2.float())):
+            var = (xi - xi.mean(dim=0)).pow(2).sum()
+            out.append((xi - ri).pow(2).sum() / var.clamp_min(1e-12))
+        return torch.stack(out)
+
+    # ------------------------------------------------------------------ normalisation
+    def normalize(self, x_raw: Tensor) -> Tensor:
+        """Raw source activations [B, D] or [B, n, d] -> the scale the crosscoder was trained on."""
+        x2 = self.flatten_input(x_raw)
+        scale = torch.cat([self.input_scale[i].expand(w) for i, w in enumerate(self.widths)]).to(x2.dtype)
+        return (x2 * scale).view_as(x_raw)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Inverse of ``normalize`` (e.g. for a reconstruction spliced back into a model)."""
+        x2 = self.flatten_input(x)
+        scale = torch.cat([self.input_scale[i].expand(w) for i, w in enumerate(self.widths)]).to(x2.dtype)
+        return (x2 / scale).view_as(x)
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        """The constructor arguments, JSON-serialisable."""
+        return {
+            "version": CONFIG_VERSION,
+            "widths": self.widths,
+            "n_features": self.n_features,
+            "activation": self.activation,
+            "k": self.k,
+            "aux_k": self.aux_k,
+            "aux_coef": self.aux_coef,
+            "l1_coef": self.l1_coef,
+            "dec_init_norm": self.dec_init_norm,
+            "dead_tokens": self.dead_tokens,
+            "threshold_momentum": self.threshold_momentum,
+            "source_names": self.source_names,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/config.json`` and ``path/model.safetensors`` (no pickle), atomically.
+
+        Each file is written to a temporary name and renamed, so a crash never leaves a
+        half-written model that loads.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        cfg = json.dumps(self.config(), indent=2)
+        _atomic_write(path / "config.json", lambda p: p.write_text(cfg))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "Crosscoder":
+        """Load a crosscoder written by ``save``. Raises FileNotFoundError / ValueError clearly."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path, weights_path = path / "config.json", path / "model.safetensors"
+        for p in (cfg_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"no crosscoder at {path}: missing {p.name}")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        version = cfg.pop("version", None)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"{cfg_path}: config version {version}, this fastxc reads version {CONFIG_VERSION}")
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{weights_path}: cannot read safetensors ({e})") from None
+        dtype = tensors["W_dec"].dtype if "W_dec" in tensors else torch.float32
+        model = cls(**cfg, dtype=dtype, device=device)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights_path}: tensors do not match config (missing {missing}, unexpected {unexpected})")
+        return model
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, n_features={self.n_features}, activation={self.activation!r}, k={self.k}"
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``target``."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
