@@ -1,0 +1,254 @@
+"""Hugging Face model plumbing shared by the analysis commands.
+
+The crosscoder reads the *residual stream input of decoder layer L* (what the harvester stores):
+the ``hidden_states`` argument of ``layers[L]``. Everything here works through forward
+pre-hooks on that layer, so it needs no model-specific code beyond finding the layer list:
+
+- ``capture_residual``: run models on a token batch and return their layer-L inputs [B, T, d]
+  (the forward stops right after layer L's input is seen);
+- ``edit_residual``: a context manager that replaces the layer-L input by ``fn(h)`` for every
+  forward inside it (generation included: each decoding step passes through the hook).
+
+Token sequences for a store row are rebuilt from the store's side arrays (``tokens``, ``doc``,
+``pos``) by ``store_contexts``.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis (mismatched widths, unknown layer, no marker found...)."""
+
+
+# Attribute paths of the decoder layer list in the architectures transformers ships.
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Qwen2, Mistral, Gemma, Phi3, ...
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
+    "gpt_neox.layers",  # Pythia
+    "model.language_model.layers",  # multimodal wrappers
+    "layers",
+)
+
+
+def load_model(name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) from a Hugging Face id or a local folder.
+
+    Raises AnalysisError with one line when it cannot be loaded (no network: ids must be cached).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our one-line errors
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name))
+        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise AnalysisError(f"cannot load model {name}: {str(e).strip().splitlines()[0]}") from None
+    return model.to(device).eval(), tok
+
+
+def model_config(name: str | Path):
+    """The model's config (no weights loaded): checks widths/layers before the expensive load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(name))
+    except (OSError, ValueError) as e:
+        raise AnalysisError(f"cannot load model {name}: {str(e).strip().splitlines()[0]}") from None
+
+
+def config_dims(cfg) -> tuple[int, int]:
+    """(residual width, decoder layers) from a transformers config."""
+    cfg = getattr(cfg, "text_config", None) or cfg
+    width = next((getattr(cfg, n) for n in ("hidden_size", "n_embd", "d_model") if getattr(cfg, n, None)), None)
+    layers = next((getattr(cfg, n) for n in ("num_hidden_layers", "n_layer", "num_layers") if getattr(cfg, n, None)), None)
+    if width is None or layers is None:
+        raise AnalysisError(f"cannot read the residual width / layer count of a {type(cfg).__name__}")
+    return int(width), int(layers)
+
+
+def load_tokenizer(name: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError) as e:
+        raise AnalysisError(f"cannot load tokenizer {name}: {str(e).strip().splitlines()[0]}") from None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM (Llama/Qwen2/GPT-2/NeoX/OPT layouts)."""
+    for path in _LAYER_PATHS:
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise AnalysisError(f"cannot find the decoder layer list of {type(model).__name__}")
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise AnalysisError(f"cannot read the residual width of {type(model).__name__}")
+
+
+def check_layer(model: nn.Module, layer: int, name: str = "model") -> None:
+    n = len(decoder_layers(model))
+    if not 0 <= layer < n:
+        raise AnalysisError(f"layer {layer} out of range for {name} with {n} decoder layers")
+
+
+def _replace_hidden(args: tuple, kwargs: dict, new: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (new,) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = new
+    return args, kwargs
+
+
+def _get_hidden(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def edit_residual(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Inside the block, layer ``layer`` sees ``fn(h)`` instead of its input h [B, T, d]."""
+    check_layer(model, layer)
+
+    def hook(_module, args, kwargs):
+        h = _get_hidden(args, kwargs)
+        return _replace_hidden(args, kwargs, fn(h))
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_residual(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The input of decoder layer ``layer`` [B, T, d] (float32) for a token batch [B, T].
+
+    The forward is cut short after the layer's input is seen (an exception from the hook), so
+    capturing at half depth costs half a forward.
+    """
+    check_layer(model, layer)
+    out: list[Tensor] = []
+
+    def hook(_module, args, kwargs):
+        out.append(_get_hidden(args, kwargs).detach().float())
+        raise _Stop
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return out[0]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists -> (input_ids [B, T] int64, attention_mask [B, T] int64).
+
+    Right padding keeps position ids equal to token positions, and causal attention means the
+    pads never influence a real position.
+    """
+    if not seqs:
+        raise AnalysisError("no sequences to run")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_id_of(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer prepends a BOS to encoded text (Llama style), else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [int(bos)] if ids and ids[0] == bos else []
+
+
+def special_mask(input_ids: Tensor, attention_mask: Tensor, tokenizer) -> Tensor:
+    """[B, T] bool: positions the crosscoder never saw in training (BOS, pad, other specials).
+
+    The harvester drops BOS/pad positions (their norms are outliers), so splicing and ablation
+    leave them untouched.
+    """
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for tid in set(getattr(tokenizer, "all_special_ids", []) or []):
+        if tid == getattr(tokenizer, "eos_token_id", None) and tid != getattr(tokenizer, "bos_token_id", None):
+            continue  # EOS ends documents inside harvested windows and is kept there
+        special |= input_ids == tid
+    return special | (attention_mask == 0)
+
+
+def store_contexts(reader, rows: Sequence[int], max_len: int, prefix: Sequence[int] = ()) -> list[list[int]]:
+    """Token ids of the document prefix ending at each store row (row included).
+
+    Rows of one document are contiguous in a store; ``doc`` / ``pos`` side arrays, where the
+    store has them, mark the boundaries (a row continues the previous one when its doc id is the
+    same and its position is one more). Without them the previous ``max_len - 1`` rows are used.
+    ``prefix`` (e.g. the BOS the harvester dropped) is prepended to each context.
+    """
+    tokens = reader.tokens
+    if tokens is None:
+        raise AnalysisError(f"store {reader.path} keeps no token ids; re-harvest with tokens")
+    doc, pos = reader.meta("doc"), reader.meta("pos")
+    out = []
+    for r in rows:
+        r = int(r)
+        lo = r
+        while lo > 0 and r - lo + 1 < max_len:
+            if doc is not None and doc[lo - 1] != doc[r]:
+                break
+            if pos is not None and pos[lo - 1] != pos[lo] - 1:
+                break
+            lo -= 1
+        out.append(list(prefix) + tokens[lo : r + 1].astype(np.int64).tolist())
+    return out
+
+
+def same_doc_next(reader) -> np.ndarray:
+    """[N] bool: row r+1 continues row r's document (last entry False)."""
+    n = len(reader)
+    ok = np.ones(n, dtype=bool)
+    ok[-1] = False
+    doc, pos = reader.meta("doc"), reader.meta("pos")
+    if doc is not None:
+        ok[:-1] &= doc[1:] == doc[:-1]
+    if pos is not None:
+        ok[:-1] &= pos[1:] == pos[:-1] + 1
+    return ok
