@@ -26,6 +26,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
+from fastxc import distributed as dist_
 from fastxc.crosscoder import ACTIVATIONS, Crosscoder
 from fastxc.diff import CLASS_NAMES, classify, relative_norms, text_histogram
 
@@ -76,6 +77,7 @@ class TrainConfig:
     checkpoint_every: int = _doc("steps between checkpoints (0: only at the end)", default=500)
     eval_batches: int = _doc("batches in the final evaluation", default=8)
     device: str = _doc("torch device", default="cpu")
+    parallel: str = _doc("under torchrun: 'data' (ranks split each batch's rows) or 'features' (ranks split the dictionary); 'none': one process", default="none")
     progress: bool = _doc("show a progress bar", default=True)
     # synthetic source
     synthetic_shared: int = _doc("synthetic: planted shared features", default=32)
@@ -112,6 +114,8 @@ class TrainConfig:
             raise TrainError("give either --store or --source synthetic, not both")
         if self.resume and self.overwrite:
             raise TrainError("--resume and --overwrite contradict each other")
+        if self.parallel not in dist_.PARALLEL_MODES:
+            raise TrainError(f"--parallel must be one of {', '.join(dist_.PARALLEL_MODES)}, got {self.parallel!r}")
         self.parsed_widths()
 
     def parsed_widths(self) -> list[int] | None:
@@ -299,6 +303,15 @@ def save_checkpoint(out: Path, model: Crosscoder, opt: torch.optim.Optimizer, st
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_checkpoint_any(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ctx, state: dict) -> None:
+    """save_checkpoint for every rank: sharded under --parallel features, rank 0's copy under data."""
+    if ctx is not None and ctx.mode == "features":
+        dist_.save_checkpoint(out, model, opt, state, ctx, CHECKPOINT_VERSION)
+    elif dist_.is_main(ctx):
+        save_checkpoint(out, model, opt, state)
+    dist_.barrier(ctx)
+
+
 def find_checkpoint(out: Path) -> Path | None:
     for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
         p = out / name
@@ -362,8 +375,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda requested but no CUDA device is available")
+    ctx = dist_.setup(cfg.parallel, device)  # None unless --parallel data|features
+    main = dist_.is_main(ctx)
+    if ctx is not None:
+        device = ctx.device
     data = open_data(cfg)
-    out = _prepare_out(cfg)
+    out = dist_.from_main(lambda: _prepare_out(cfg), ctx)
     torch.manual_seed(cfg.seed)
     model = Crosscoder(
         data.widths,
@@ -376,10 +393,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         dec_init_norm=cfg.dec_init_norm,
         dead_tokens=cfg.dead_tokens,
         source_names=data.source_names,
-        device=device,
+        device=torch.device("cpu") if cfg.parallel == "features" else device,  # dist_.wrap moves each rank's slice
     )
     if data.scales is not None:
         model.input_scale.copy_(torch.as_tensor(data.scales, dtype=torch.float32))
+    model = dist_.wrap(model, ctx)
     opt = _make_optimizer(model, cfg)
 
     step, skipped, bad_run = 0, 0, 0
@@ -388,23 +406,28 @@ def train(cfg: TrainConfig) -> TrainResult:
         ckpt = find_checkpoint(out)
         if ckpt is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", out)
-            metrics_path.unlink(missing_ok=True)
+            if main:
+                metrics_path.unlink(missing_ok=True)
         else:
-            meta = load_checkpoint(ckpt, model, opt)
+            if ctx is not None or dist_.is_sharded_checkpoint(ckpt):
+                meta = dist_.load_checkpoint(ckpt, model, opt, CHECKPOINT_VERSION)
+            else:
+                meta = load_checkpoint(ckpt, model, opt)
             step, skipped, bad_run = meta["step"], meta["skipped"], meta["bad_run"]
-            _truncate_metrics(metrics_path, step)
+            if main:
+                _truncate_metrics(metrics_path, step)
             log.info("resumed from %s at step %d", ckpt, step)
-    else:
+    elif main:
         metrics_path.unlink(missing_ok=True)
 
     print(f"fastxc: training a {cfg.activation} crosscoder, widths {data.widths}, F={cfg.n_features}"
           + (f", k={cfg.k}" if cfg.activation != "relu" else "") + f" on {data.description}", file=sys.stderr)
-    batches: Iterator = data.batches(cfg.batch_size, seed=cfg.seed, start=step)
+    batches: Iterator = dist_.batches(data.batches, cfg.batch_size, cfg.seed, step, ctx)
     model.train()
-    bar = _progress(cfg, step)
+    bar = _progress(cfg, step) if main else _NoBar()
     t_last, tokens_last = time.perf_counter(), 0
     window: list[dict] = []
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path if main else os.devnull, "a") as metrics_file:
         while step < cfg.steps:
             x = _to_device(next(batches), device)
             if not torch.isfinite(x).all():
@@ -429,7 +452,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             res.loss.backward()
             opt.step()
             step += 1
-            tokens_last += x.shape[0]
+            tokens_last += cfg.batch_size  # the global batch (under --parallel data x is this rank's rows)
             window.append({"loss": res.loss.item(), "mse": res.mse.tolist(), "fvu": res.fvu.tolist(), "l0": res.l0.item()})
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -439,17 +462,21 @@ def train(cfg: TrainConfig) -> TrainResult:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu="/".join(f"{v:.3f}" for v in rec["fvu"]), l0=f"{rec['l0']:.1f}")
-                if not cfg.progress:
+                if not cfg.progress and main:
                     print(_format_metrics(rec), file=sys.stderr)
                 window, t_last, tokens_last = [], now, 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_checkpoint(out, model, opt, {"step": step, "skipped": skipped, "bad_run": bad_run, "config": dataclasses.asdict(cfg)})
+                _save_checkpoint_any(out, model, opt, ctx, {"step": step, "skipped": skipped, "bad_run": bad_run, "config": dataclasses.asdict(cfg)})
     bar.close()
-    save_checkpoint(out, model, opt, {"step": step, "skipped": skipped, "bad_run": bad_run, "config": dataclasses.asdict(cfg)})
-    model.save(out / "crosscoder")
-    summary = evaluate(model, data, cfg)
-    summary.update(steps=step, skipped_batches=skipped)
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=2))
+    _save_checkpoint_any(out, model, opt, ctx, {"step": step, "skipped": skipped, "bad_run": bad_run, "config": dataclasses.asdict(cfg)})
+    model = dist_.full_model(model, ctx, out / "checkpoint")  # the whole Crosscoder on rank 0, None elsewhere
+    summary: dict = {}
+    if model is not None:
+        model.save(out / "crosscoder")
+        summary = evaluate(model, data, cfg)
+        summary.update(steps=step, skipped_batches=skipped)
+        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=2))
+    dist_.shutdown(ctx)
     return TrainResult(model, out, summary)
 
 
@@ -554,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    print_summary(result)
+    if result.summary:  # empty on ranks other than 0
+        print_summary(result)
     return 0
 
 
