@@ -1,0 +1,654 @@
+"""Harvest residual-stream activations from Hugging Face causal LMs into an activation store.
+
+    python -m fastxc.harvest --model-a BASE --model-b FINETUNED \\
+        --dataset traces.jsonl:0.5 --dataset general.jsonl:0.5 --tokens 1000000 --out acts/
+
+Pipeline (every step deterministic, so a killed run resumes to the identical store):
+
+1. datasets: each ``--dataset SPEC`` (``path_or_id[:proportion]``) is a stream of texts read
+   with ``datasets`` (streaming; local .json/.jsonl/.parquet/.txt files, local dataset folders
+   or hub ids). Each document is tokenized without special tokens, cut into chunks of
+   ``context_length - 1`` tokens (``context_length`` when the tokenizer has no BOS) and each
+   chunk gets the BOS token in front. The mixer takes the next chunk from the dataset that is
+   furthest below its share of the tokens so far, so the proportions hold to within one chunk.
+2. models: all models must share the tokenizer (same vocabulary; the error names the first
+   differing id). Each batch of chunks (right-padded) runs through every model; a forward
+   pre-hook on decoder layer L captures the layer's *input* (the residual stream entering
+   layer L, i.e. ``output_hidden_states[L]``), and the hook of the deepest captured layer
+   raises, so the layers above it are never run.
+3. filtering: BOS and pad positions are not stored; a position where any source's norm is
+   more than ``outlier_factor`` x the median norm of that source in the batch is dropped and
+   counted (the attention-sink positions of real models reach 100x the median).
+4. writing: rows [R, D] (sources concatenated) go to shards of about ``shard_tokens`` rows,
+   each written atomically with its token ids, document ids, positions and dataset index;
+   after each shard ``harvest-state.json`` records the progress. The manifest (with the
+   per-source normalisation scales) is written last.
+
+Resume: rerun the same command. Completed shards are kept, the data stream is replayed up to
+the recorded batch (tokenization only, no forward passes), and harvesting continues.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastxc.store import (MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype)
+
+log = logging.getLogger("fastxc.harvest")
+
+STATE = "harvest-state.json"
+STATE_VERSION = 1
+DEFAULT_SHARD_TOKENS = 1 << 16
+MODEL_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class HarvestError(ValueError):
+    """Bad harvest input (models, tokenizers, datasets, layers, output folder)."""
+
+
+# ------------------------------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``--dataset`` entry: where the texts come from and its share of the tokens."""
+
+    spec: str
+    path: str
+    proportion: float
+
+
+def parse_dataset_specs(specs: Sequence[str]) -> list[DatasetSpec]:
+    """``["a.jsonl:0.3", "b.jsonl:0.7"]`` -> specs with proportions summing to 1.
+
+    Without any proportion the datasets share equally; giving some but not all is an error.
+    """
+    if not specs:
+        raise HarvestError("no dataset given (use --dataset PATH_OR_ID[:PROPORTION])")
+    parsed: list[tuple[str, str, float | None]] = []
+    for s in specs:
+        path, prop = s, None
+        head, sep, tail = s.rpartition(":")
+        if sep and head:
+            try:
+                prop = float(tail)
+                path = head
+            except ValueError:
+                pass
+        if prop is not None and (not math.isfinite(prop) or prop <= 0):
+            raise HarvestError(f"dataset {s!r}: the proportion must be a positive number")
+        parsed.append((s, path, prop))
+    given = [p for _, _, p in parsed if p is not None]
+    if given and len(given) != len(parsed):
+        raise HarvestError("give a proportion for every dataset or for none "
+                           f"(got {', '.join(s for s, _, _ in parsed)})")
+    props = given if given else [1.0] * len(parsed)
+    total = sum(props)
+    return [DatasetSpec(s, p, w / total) for (s, p, _), w in zip(parsed, props)]
+
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+
+
+def load_text_dataset(path: str):
+    """An iterable ``datasets`` dataset (streaming) for a local file/folder or a hub id."""
+    import datasets
+
+    p = Path(path)
+    try:
+        if p.is_file():
+            ext = "".join(p.suffixes[-1:]).lower()
+            if ext not in _BUILDERS:
+                raise HarvestError(f"dataset {path}: unknown file type {ext!r}; use .json, .jsonl, .parquet or .txt")
+            return datasets.load_dataset(_BUILDERS[ext], data_files=str(p), split="train", streaming=True)
+        if p.is_dir():
+            return datasets.load_dataset(str(p), split="train", streaming=True)
+        if p.suffix.lower() in _BUILDERS or path.startswith((".", "/", "~")):
+            raise HarvestError(f"dataset file not found: {path}")
+        return datasets.load_dataset(path, split="train", streaming=True)
+    except HarvestError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise HarvestError(f"cannot load dataset {path}: {type(e).__name__}: {e}") from e
+
+
+def iter_texts(spec: DatasetSpec, text_field: str, seed: int = 0, shuffle_buffer: int = 0) -> Iterator[tuple[int, str]]:
+    """(record index, text) of every record of the dataset, in stream order (optionally
+    shuffled through a seeded buffer). Records with an empty text are skipped."""
+    ds = load_text_dataset(spec.path)
+    if shuffle_buffer > 0:
+        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    for i, rec in enumerate(ds):
+        if text_field not in rec:
+            raise HarvestError(f"dataset {spec.path}: record {i} has no field {text_field!r} "
+                               f"(fields: {', '.join(map(str, rec))}); pass --text-field")
+        text = rec[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise HarvestError(f"dataset {spec.path}: field {text_field!r} of record {i} is "
+                               f"{type(text).__name__}, not text")
+        if text:
+            yield i, text
+
+
+@dataclass
+class Chunk:
+    """One model input sequence: ``ids`` (BOS first when the tokenizer has one) taken from
+    document ``doc`` of dataset ``dataset``, starting at token ``start`` of the document."""
+
+    dataset: int
+    doc: int
+    start: int
+    ids: list[int]
+
+
+def iter_chunks(texts: Iterator[tuple[int, str]], tokenizer, context_length: int, dataset: int) -> Iterator[Chunk]:
+    bos = tokenizer.bos_token_id
+    step = context_length - (1 if bos is not None else 0)
+    if step <= 0:
+        raise HarvestError(f"context_length must be > 1, got {context_length}")
+    for doc, text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for s in range(0, len(ids), step):
+            part = ids[s:s + step]
+            yield Chunk(dataset, doc, s, ([bos] if bos is not None else []) + part)
+
+
+def mix_chunks(streams: Sequence[Iterator[Chunk]], proportions: Sequence[float]) -> Iterator[Chunk]:
+    """Interleave chunk streams so that dataset i holds ~proportions[i] of the tokens: always
+    take from the dataset with the smallest tokens_i / p_i (ties: lowest index). Stops when a
+    dataset runs out (the mix would no longer hold)."""
+    taken = [0] * len(streams)
+    while True:
+        i = min(range(len(streams)), key=lambda j: (taken[j] / proportions[j], j))
+        c = next(streams[i], None)
+        if c is None:
+            log.warning("dataset %d is exhausted; stopping the harvest there (the mix holds)", i)
+            return
+        taken[i] += len(c.ids)
+        yield c
+
+
+def iter_batches(chunks: Iterator[Chunk], batch_size: int) -> Iterator[list[Chunk]]:
+    batch: list[Chunk] = []
+    for c in chunks:
+        batch.append(c)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------------------- models
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a transformers causal LM (``model.model.layers`` for
+    Llama/Qwen2/Mistral, ``transformer.h`` for GPT-2 style, ...): the first ModuleList with
+    ``config.num_hidden_layers`` entries."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
+        mod: Any = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n):
+            return mod
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and n is not None and len(mod) == n:
+            return mod
+    raise HarvestError(f"cannot find the decoder layer list of {type(model).__name__}")
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest captured layer: the rest of the forward is skipped."""
+
+
+class LayerCapture:
+    """Forward pre-hooks that capture the input of the given decoder layers.
+
+    ``run(input_ids, attention_mask)`` -> {layer: hidden [b, T, d] float32 on CPU}; with
+    ``stop=True`` the forward ends at the deepest captured layer.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], stop: bool = True):
+        self.model = model
+        self.layers = sorted(set(int(l) for l in layers))
+        self.stop = stop
+        self.out: dict[int, torch.Tensor] = {}
+        mods = find_layers(model)
+        for l in self.layers:
+            if not 0 <= l < len(mods):
+                raise HarvestError(f"layer {l} is out of range: the model has {len(mods)} decoder layers "
+                                   f"(valid 0..{len(mods) - 1})")
+        deepest = self.layers[-1]
+        self.handles = [mods[l].register_forward_pre_hook(self._hook(l, stop and l == deepest), with_kwargs=True)
+                        for l in self.layers]
+
+    def _hook(self, layer: int, raise_after: bool):
+        def hook(module, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            self.out[layer] = hs.detach().to("cpu", torch.float32, copy=True)
+            if raise_after:
+                raise _StopForward
+
+        return hook
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        self.out = {}
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        missing = [l for l in self.layers if l not in self.out]
+        if missing:
+            raise HarvestError(f"the forward pass never reached layer(s) {missing}")
+        return self.out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _from_pretrained_kwargs(model_dtype: torch.dtype, revision: str | None) -> dict:
+    import transformers
+
+    kw: dict[str, Any] = {"revision": revision} if revision else {}
+    major = int(transformers.__version__.split(".")[0])
+    kw["dtype" if major >= 5 else "torch_dtype"] = model_dtype
+    return kw
+
+
+def _check_model_path(name: str) -> None:
+    p = Path(name).expanduser()
+    if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise HarvestError(f"model not found: {name} (not a local folder, nor a hub id like org/name)")
+
+
+def load_model(name: str, model_dtype: str = "float32", device: str = "cpu", revision: str | None = None) -> nn.Module:
+    """AutoModelForCausalLM from a hub id or a local folder, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    if model_dtype not in MODEL_DTYPES:
+        raise HarvestError(f"unknown model dtype {model_dtype!r}; choose float32, bfloat16 or float16")
+    _check_model_path(name)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists()
+                                                 else name, **_from_pretrained_kwargs(MODEL_DTYPES[model_dtype], revision))
+    except (OSError, ValueError) as e:
+        raise HarvestError(f"cannot load model {name}: {e}") from e
+    return m.to(device).eval()
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    _check_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists() else name,
+                                             **({"revision": revision} if revision else {}))
+    except (OSError, ValueError) as e:
+        raise HarvestError(f"cannot load the tokenizer of {name}: {e}") from e
+
+
+def check_tokenizers(tokenizers: Sequence[Any], names: Sequence[str]) -> None:
+    """Raise HarvestError naming the first token id on which two tokenizers disagree."""
+    ref = {i: t for t, i in tokenizers[0].get_vocab().items()}
+    for tok, name in zip(tokenizers[1:], names[1:]):
+        other = {i: t for t, i in tok.get_vocab().items()}
+        for i in sorted(set(ref) | set(other)):
+            a, b = ref.get(i), other.get(i)
+            if a != b:
+                raise HarvestError(
+                    f"tokenizers differ: token id {i} is {a!r} in {names[0]} but {b!r} in {name}; "
+                    "the models must share a vocabulary")
+        for attr in ("bos_token_id", "pad_token_id"):
+            if getattr(tokenizers[0], attr) != getattr(tok, attr):
+                raise HarvestError(f"tokenizers differ: {attr} is {getattr(tokenizers[0], attr)} in {names[0]} "
+                                   f"but {getattr(tok, attr)} in {name}")
+
+
+def tokenizer_info(tok) -> dict:
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return {"name_or_path": str(getattr(tok, "name_or_path", "")), "class": type(tok).__name__,
+            "vocab_size": len(vocab), "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "vocab_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()}
+
+
+# -------------------------------------------------------------------------------------- harvest
+def _source_names(models: Sequence[str], layer_lists: Sequence[Sequence[int]]) -> list[str]:
+    bases = [Path(m.rstrip("/")).name or m for m in models]
+    if len(set(bases)) < len(bases):
+        bases = [f"{chr(ord('A') + i) if i < 26 else i}:{b}" for i, b in enumerate(bases)]
+    names = []
+    for b, ls in zip(bases, layer_lists):
+        for l in ls:
+            names.append(f"{b}@L{l}" if len(ls) > 1 else b)
+    return names
+
+
+def _padded(batch: list[Chunk], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(c.ids) for c in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for r, c in enumerate(batch):
+        ids[r, :len(c.ids)] = torch.tensor(c.ids, dtype=torch.long)
+        mask[r, :len(c.ids)] = 1
+    return ids, mask
+
+
+def _batch_meta(batch: list[Chunk], T: int, has_bos: bool) -> dict[str, torch.Tensor]:
+    """Per-position dataset, document and in-document position, each [b, T]."""
+    b = len(batch)
+    ds = torch.zeros(b, T, dtype=torch.long)
+    doc = torch.zeros(b, T, dtype=torch.long)
+    pos = torch.zeros(b, T, dtype=torch.long)
+    off = 1 if has_bos else 0
+    for r, c in enumerate(batch):
+        ds[r] = c.dataset
+        doc[r] = c.doc
+        pos[r] = c.start + torch.arange(T) - off  # BOS sits at -1 (never stored)
+    return {"dataset": ds, "doc": doc, "pos": pos}
+
+
+def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[str], tokens: int,
+            layer: int | None = None, layers: Sequence[int] | None = None, context_length: int = 128,
+            batch_size: int = 8, store_dtype: str = "bfloat16", device: str = "cpu",
+            model_dtype: str = "float32", text_field: str = "text", seed: int = 0, progress: bool = True,
+            *, outlier_factor: float = 10.0, shard_tokens: int | None = None,
+            source_names: Sequence[str] | None = None, revisions: Sequence[str | None] | None = None,
+            shuffle_buffer: int = 0, overwrite: bool = False) -> Path:
+    """Harvest the residual stream of ``models`` into a store at ``out``; returns its path.
+
+    Args:
+        models: n >= 1 Hugging Face ids or local folders (n >= 2 sources in total: several
+            models, or several ``layers`` of one model).
+        out: store directory (created; rerunning the same call resumes or returns at once).
+        datasets: ``path_or_id[:proportion]`` specs.
+        tokens: rows (token positions) to store, after dropping BOS/pad/outliers.
+        layer: decoder layer whose input is captured (default: n_layers // 2 of each model).
+        layers: several layers of every model, each one a source (overrides ``layer``).
+        context_length: tokens per model input sequence, BOS included.
+        batch_size: sequences per forward pass.
+        store_dtype: bfloat16 (default), float16, float32 or float8_e4m3fn.
+        device / model_dtype: where and in which dtype the models run.
+        text_field: the dataset field holding the text.
+        seed: seeds the document shuffle (when ``shuffle_buffer`` > 0); kept in the manifest.
+        outlier_factor: drop positions with a source norm > factor x that source's median
+            norm in the batch (0 disables).
+        shard_tokens: rows per shard (default 65536); a shard is the unit of resume.
+        source_names: names of the sources (default: model folder names, with @L<layer>).
+        revisions: hub revision of each model.
+        shuffle_buffer: documents in the streaming shuffle buffer (0: stream order).
+        overwrite: replace a finished store with different settings at ``out``.
+    """
+    out = Path(out)
+    models = [str(m) for m in models]
+    if not models:
+        raise HarvestError("no model given")
+    if int(tokens) <= 0:
+        raise HarvestError(f"tokens must be > 0, got {tokens}")
+    if int(batch_size) <= 0:
+        raise HarvestError(f"batch_size must be > 0, got {batch_size}")
+    if outlier_factor < 0:
+        raise HarvestError(f"outlier_factor must be >= 0, got {outlier_factor}")
+    dtype = canonical_dtype(store_dtype)
+    if model_dtype not in MODEL_DTYPES:
+        raise HarvestError(f"unknown model dtype {model_dtype!r}; choose float32, bfloat16 or float16")
+    specs = parse_dataset_specs(datasets)
+    revisions = list(revisions) if revisions is not None else [None] * len(models)
+    if len(revisions) != len(models):
+        raise HarvestError(f"{len(revisions)} revisions for {len(models)} models")
+    shard_rows = int(shard_tokens or DEFAULT_SHARD_TOKENS)
+    if shard_rows <= 0:
+        raise HarvestError(f"shard_tokens must be > 0, got {shard_tokens}")
+
+    toks = [load_tokenizer(m, r) for m, r in zip(models, revisions)]
+    check_tokenizers(toks, models)
+    tok = toks[0]
+    from transformers import AutoConfig
+
+    cfgs = [AutoConfig.from_pretrained(str(Path(m).expanduser()) if Path(m).expanduser().exists() else m,
+                                       **({"revision": r} if r else {})) for m, r in zip(models, revisions)]
+    if layers is not None:
+        layer_lists = [sorted(set(int(l) for l in layers))] * len(models)
+    else:
+        layer_lists = [[int(layer) if layer is not None else c.num_hidden_layers // 2] for c in cfgs]
+    for m, c, ls in zip(models, cfgs, layer_lists):
+        for l in ls:
+            if not 0 <= l < c.num_hidden_layers:
+                raise HarvestError(f"layer {l} is out of range for {m}: it has {c.num_hidden_layers} layers")
+    widths = [int(c.hidden_size) for c, ls in zip(cfgs, layer_lists) for _ in ls]
+    if len(widths) < 2:
+        raise HarvestError("a crosscoder needs >= 2 sources: give two models, or several --layers")
+    names = list(source_names) if source_names is not None else _source_names(models, layer_lists)
+    if len(names) != len(widths):
+        raise HarvestError(f"{len(names)} source names for {len(widths)} sources")
+    sources = [{"name": names[k], "model": m, "revision": r or getattr(c, "_commit_hash", None), "layer": l}
+               for k, (m, r, c, l) in enumerate((m, r, c, l) for m, r, c, ls in zip(models, revisions, cfgs, layer_lists)
+                                                 for l in ls)]
+
+    config = {
+        "models": models, "revisions": revisions, "layers": layer_lists, "source_names": names,
+        "datasets": [s.spec for s in specs], "tokens": int(tokens), "context_length": int(context_length),
+        "batch_size": int(batch_size), "store_dtype": dtype, "model_dtype": model_dtype,
+        "text_field": text_field, "seed": int(seed), "outlier_factor": float(outlier_factor),
+        "shard_tokens": shard_rows, "shuffle_buffer": int(shuffle_buffer),
+        "tokenizer_vocab_sha256": tokenizer_info(tok)["vocab_sha256"],
+    }
+
+    # ---- the output folder: finished, resumable, or new
+    state_path, man_path = out / STATE, out / MANIFEST
+    if man_path.exists():
+        try:
+            old = json.loads(man_path.read_text()).get("harvest_config")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old == config:
+            log.info("%s already holds this harvest; nothing to do", out)
+            return out
+        if not overwrite:
+            raise HarvestError(f"{out} already holds a store with other settings; choose another --out "
+                               "or pass --overwrite")
+        man_path.unlink()
+        (out / STATE).unlink(missing_ok=True)
+    shards: list[dict] = []
+    done_batches, n_rows, dropped = 0, 0, 0
+    if state_path.exists():
+        try:
+            st = json.loads(state_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HarvestError(f"{state_path} is unreadable ({e}); remove {out} and start again") from e
+        if st.get("version") != STATE_VERSION or st.get("config") != config:
+            raise HarvestError(f"{out} holds an unfinished harvest with other settings; rerun that exact "
+                               "command to finish it, or choose another --out")
+        shards, done_batches, n_rows, dropped = st["shards"], st["batches"], st["rows"], st["dropped"]
+        for k, rec in enumerate(shards):
+            for f in rec["files"].values():
+                p = out / f["path"]
+                if not p.exists() or p.stat().st_size != f["bytes"]:
+                    raise StoreError(f"{p} does not match {state_path}; remove {out} and start again")
+        log.info("resuming %s at batch %d (%d shards, %d rows)", out, done_batches, len(shards), n_rows)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise HarvestError(f"{out} exists and is not an unfinished harvest; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    keep = {f["path"] for rec in shards for f in rec["files"].values()}
+    for p in out.iterdir():  # half-written temporaries and shards past the recorded progress
+        if p.name.startswith(".shard-") or (p.name.startswith("shard-") and p.name not in keep):
+            p.unlink()
+
+    # ---- data stream (replayed up to the recorded batch on resume)
+    streams = [iter_chunks(iter_texts(s, text_field, seed, shuffle_buffer), tok, context_length, k)
+               for k, s in enumerate(specs)]
+    batches = iter_batches(mix_chunks(streams, [s.proportion for s in specs]), batch_size)
+    for _ in range(done_batches):
+        if next(batches, None) is None:
+            break
+
+    loaded = [load_model(m, model_dtype, device, r) for m, r in zip(models, revisions)]
+    caps = [LayerCapture(mod, ls) for mod, ls in zip(loaded, layer_lists)]
+    writer = ShardWriter(out, widths, dtype)
+    offsets = writer.offsets
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    bos = tok.bos_token_id
+    pending: list[tuple[torch.Tensor, dict[str, np.ndarray]]] = []
+    n_pending = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(tokens), initial=n_rows, unit="tok", desc="harvest", dynamic_ncols=True)
+
+    def save_state() -> None:
+        atomic_write_json(state_path, {"version": STATE_VERSION, "config": config, "shards": shards,
+                                       "batches": done_batches, "rows": n_rows, "dropped": dropped})
+
+    def flush() -> None:
+        nonlocal pending, n_pending
+        x = torch.cat([p[0] for p in pending])
+        meta = {k: np.concatenate([p[1][k] for p in pending]) for k in pending[0][1]}
+        shards.append(writer.write_shard(len(shards), x, meta))
+        pending, n_pending = [], 0
+        save_state()
+
+    save_state()  # from here on the folder reads as an unfinished harvest, resumable at any moment
+    try:
+        while n_rows + n_pending < tokens:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            ids, mask = _padded(batch, pad_id)
+            hidden = []
+            for cap, mod in zip(caps, loaded):
+                got = cap.run(ids.to(device), mask.to(device))
+                hidden.extend(got[l] for l in cap.layers)
+            valid = mask.bool()
+            if bos is not None:
+                valid &= ids != bos
+            x = torch.cat([h[valid] for h in hidden], dim=1)  # [R, D]
+            meta_t = _batch_meta(batch, ids.shape[1], bos is not None)
+            meta = {k: v[valid].numpy() for k, v in meta_t.items()}
+            meta["tokens"] = ids[valid].numpy()
+            if outlier_factor > 0 and x.shape[0]:
+                norms = torch.stack([x[:, offsets[i]:offsets[i + 1]].norm(dim=1) for i in range(len(widths))], 1)
+                med = norms.median(dim=0).values
+                ok = ((norms <= outlier_factor * med) | (med <= 0)).all(dim=1)
+                dropped += int((~ok).sum())
+                x = x[ok]
+                meta = {k: v[ok.numpy()] for k, v in meta.items()}
+            take = min(x.shape[0], int(tokens) - n_rows - n_pending)
+            if take < x.shape[0]:
+                x = x[:take]
+                meta = {k: v[:take] for k, v in meta.items()}
+            done_batches += 1
+            if take:
+                pending.append((x, meta))
+                n_pending += take
+            if bar is not None:
+                bar.update(take)
+            if n_pending >= shard_rows:
+                n_rows += n_pending
+                flush()
+        if n_pending:
+            n_rows += n_pending
+            flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        for c in caps:
+            c.remove()
+
+    if n_rows == 0:
+        raise HarvestError("no activations harvested: the datasets gave no tokens")
+    if n_rows < tokens:
+        log.warning("harvested %d of %d requested tokens (a dataset ran out)", n_rows, tokens)
+    ds_rows = np.zeros(len(specs), dtype=np.int64)
+    for rec in shards:
+        counts = np.bincount(np.fromfile(out / rec["files"]["dataset"]["path"], dtype=np.uint8), minlength=len(specs))
+        ds_rows += counts[:len(specs)]
+    manifest = build_manifest(
+        widths=widths, dtype=dtype, shards=shards, sources=sources,
+        tokenizer=tokenizer_info(tok),
+        datasets=[{"spec": s.spec, "path": s.path, "proportion": s.proportion, "rows": int(r)}
+                  for s, r in zip(specs, ds_rows)],
+        seed=int(seed), dropped_outliers=int(dropped), outlier_factor=float(outlier_factor),
+        context_length=int(context_length), text_field=text_field, model_dtype=model_dtype,
+        harvest_config=config,
+    )
+    atomic_write_json(man_path, manifest)
+    state_path.unlink(missing_ok=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastxc.harvest",
+                                description="Harvest residual-stream activations of HF models into a fastxc store.")
+    p.add_argument("--model-a", help="first model (hub id or local folder)")
+    p.add_argument("--model-b", help="second model")
+    p.add_argument("--model", action="append", default=[], help="further models (repeatable; n >= 2 in total)")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer whose input is captured (default: half depth)")
+    p.add_argument("--layers", default=None, help="several layers of each model as sources, e.g. 2,4,6")
+    p.add_argument("--dataset", action="append", default=[], metavar="SPEC",
+                   help="path_or_id[:proportion]; repeat to mix (e.g. traces.jsonl:0.5 general.jsonl:0.5)")
+    p.add_argument("--text-field", default="text", help="dataset field with the text (default: text)")
+    p.add_argument("--tokens", type=int, required=True, help="token positions to store")
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", "--store-dtype", dest="store_dtype", default="bfloat16",
+                   help="store dtype: bfloat16 (default), float16, float32, fp8 (e4m3, per-row scale)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="drop positions with a norm > factor x the median (0: keep all)")
+    p.add_argument("--shard-tokens", type=int, default=None, help=f"rows per shard (default {DEFAULT_SHARD_TOKENS})")
+    p.add_argument("--shuffle-buffer", type=int, default=0, help="streaming document shuffle buffer (0: off)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished store with other settings")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    models = [m for m in (args.model_a, args.model_b) if m] + list(args.model)
+    try:
+        layers = None
+        if args.layers:
+            try:
+                layers = [int(x) for x in args.layers.split(",") if x.strip()]
+            except ValueError:
+                raise HarvestError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+        path = harvest(models, args.out, args.dataset, args.tokens, layer=args.layer, layers=layers,
+                       context_length=args.context_length, batch_size=args.batch_size,
+                       store_dtype=args.store_dtype, device=args.device, model_dtype=args.model_dtype,
+                       text_field=args.text_field, seed=args.seed, progress=not args.no_progress,
+                       outlier_factor=args.outlier_factor, shard_tokens=args.shard_tokens,
+                       shuffle_buffer=args.shuffle_buffer, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # HarvestError / StoreError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    m = json.loads((path / MANIFEST).read_text())
+    print(f"store: {path}  ({m['n_rows']} tokens, sources {[s['name'] for s in m['sources']]}, "
+          f"widths {m['widths']}, dtype {m['dtype']}, {m['dropped_outliers']} outlier positions dropped)")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(main())
