@@ -1,0 +1,203 @@
+"""Distributed training (fastxc.distributed) on CPU with gloo: 2 ranks under torchrun against
+1 process on the same global batches.
+
+Each torchrun launch costs ~10-25 s on the shared 2-core machine (three interpreters import
+torch), so the default run launches one (feature parallel); the data-parallel comparison and the
+kill-and-resume test launch two more each and are marked slow.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastxc import distributed as dist_
+from fastxc.crosscoder import Crosscoder
+from fastxc.synthetic import PlantedSource
+from fastxc.train import main as train_main, parse_config, train
+
+# batchtopk with AuxK exercises every collective: the global k*B threshold, the running
+# threshold, the dead-feature counters (dead_tokens = 4 batches) and the AuxK top-k and reduce.
+ARGS = [
+    "--source", "synthetic", "--widths", "32,32", "--n-features", "64", "--k", "4", "--batch-size", "64",
+    "--steps", "50", "--activation", "batchtopk", "--aux-k", "8", "--dead-tokens", "256",
+    "--checkpoint-every", "10", "--log-every", "10", "--eval-batches", "1", "--no-progress",
+]
+# Max abs difference of any weight after 50 steps, 2 ranks vs 1 process. Measured: 1.5e-8 in
+# both modes (the partial reconstructions / gradients are summed in another order, one fp32 ulp
+# of values ~0.1-1, and Adam carries it); 1e-6 leaves room for platform rounding, while a wrong
+# gradient (e.g. a reduce that doubled it) or a different selection gives differences >= 1e-3.
+TOL = 1e-6
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "fastxc.train", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(args: list[str], nproc: int = 2) -> str:
+    p = _torchrun(args, nproc)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def _max_diff(a: Crosscoder, b: Crosscoder) -> dict[str, float]:
+    sb = b.state_dict()
+    return {k: (v.double() - sb[k].double()).abs().max().item() for k, v in a.state_dict().items()}
+
+
+def _assert_close(a: Crosscoder, b: Crosscoder, tol: float) -> None:
+    diffs = _max_diff(a, b)
+    bad = {k: v for k, v in diffs.items() if not v <= tol}
+    assert not bad, f"tensors differ by more than {tol}: {bad} (all: {diffs})"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Crosscoder:
+    """The 1-process reference run."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    return train(parse_config([*ARGS, "--out", str(out)])).model
+
+
+@pytest.fixture(scope="module")
+def features2(tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank feature-parallel run; returns its --out folder."""
+    out = tmp_path_factory.mktemp("features2") / "run"
+    _run([*ARGS, "--parallel", "features", "--out", str(out)])
+    return out
+
+
+def test_feature_parallel_matches_one_process(features2, single):
+    two = Crosscoder.load(features2 / "crosscoder")
+    _assert_close(two, single, TOL)
+    assert int(two.tokens_since_fired.max()) >= 256, "no feature went dead: AuxK was never exercised"
+    manifest = json.loads((features2 / "checkpoint" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["slices"] == [[0, 32], [32, 64]]
+
+
+def test_two_rank_checkpoint_loads_into_one_process(features2, single):
+    ckpt = features2 / "checkpoint"
+    full = dist_.load_full_model(ckpt)
+    saved = Crosscoder.load(features2 / "crosscoder")
+    _assert_close(full, saved, 0.0)  # rank 0 wrote out/crosscoder from the same shards
+    x = PlantedSource([32, 32], seed=0).batch(64, 12345)
+    single = copy.deepcopy(single)  # forward in train mode moves buffers; keep the fixture intact
+    full.train(), single.train()  # batchtopk over the batch: no running threshold involved
+    r_full, r_single = full(x).recon, single(x).recon
+    assert (r_full - r_single).abs().max().item() <= 20 * TOL
+
+    # the same checkpoint as a world of 1 under --parallel features: one slice holding everything
+    ctx = dist_.setup("features", "cpu")
+    try:
+        fp = dist_.FeatureParallelCrosscoder(Crosscoder(**{k: v for k, v in full.config().items() if k != "version"}), ctx)
+        opt = torch.optim.Adam(fp.parameters())
+        dist_.load_checkpoint(ckpt, fp, opt, version=1)
+        assert torch.equal(fp.W_dec, full.W_dec) and torch.equal(fp.b_dec, full.b_dec)
+        assert opt.state_dict()["state"][0]["exp_avg"].shape == full.W_enc.shape
+        fp.train()
+        assert torch.equal(fp(x).recon, full(x).recon)
+    finally:
+        dist_.shutdown(ctx)
+
+
+def test_two_rank_checkpoint_resumes_in_one_plain_process(features2, tmp_path):
+    """--resume without --parallel reads the sharded checkpoint (here the final one, so no steps
+    are left) and writes the ordinary single-process format back, weights unchanged. Continuing
+    a mid-run 2-rank checkpoint in one process is part of the kill-and-resume test (slow)."""
+    run = tmp_path / "run"
+    shutil.copytree(features2, run)
+    res = train(parse_config([*ARGS, "--out", str(run), "--resume"]))
+    _assert_close(res.model, Crosscoder.load(features2 / "crosscoder"), 0.0)
+    assert not (run / "checkpoint" / "manifest.json").exists() and (run / "checkpoint" / "model").is_dir()
+
+
+@pytest.mark.slow
+def test_data_parallel_matches_one_process(single, tmp_path):
+    out = tmp_path / "run"
+    _run([*ARGS, "--parallel", "data", "--out", str(out)])
+    _assert_close(Crosscoder.load(out / "crosscoder"), single, TOL)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill_after_checkpoint(args: list[str], out: Path, at_step: int) -> int:
+    """Start a 2-rank run, SIGKILL its workers and torchrun once a checkpoint of >= at_step
+    exists; returns the checkpoint's step. Fails if the run ended before it could be killed."""
+    p = _torchrun(args)
+    state = out / "checkpoint" / "state.json"
+    step = -1
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                step = json.loads(state.read_text())["step"]
+            except (OSError, ValueError, KeyError):
+                step = -1
+            if step >= at_step:
+                break
+            time.sleep(0.01)
+        workers = _children(p.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        p.kill()
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert workers and step >= at_step, f"run ended (rc {p.returncode}) before a checkpoint at step {at_step}"
+    assert not (out / "summary.json").exists(), "the run finished before it was killed"
+    return json.loads(state.read_text())["step"]
+
+
+@pytest.mark.slow
+def test_killed_two_rank_run_resumes_exactly(features2, single, tmp_path):
+    out = tmp_path / "run"
+    args = [*ARGS, "--parallel", "features", "--out", str(out)]
+    step = _kill_after_checkpoint(args, out, at_step=20)
+    assert 20 <= step < 50
+    one = tmp_path / "one"  # the same checkpoint, continued by one plain process
+    shutil.copytree(out, one)
+    _run([*args, "--resume"])
+    ref = Crosscoder.load(features2 / "crosscoder")
+    # same ranks, same order of every sum: the resumed run repeats the uninterrupted one exactly
+    _assert_close(Crosscoder.load(out / "crosscoder"), ref, 0.0)
+    res = train(parse_config([*ARGS, "--out", str(one), "--resume"]))
+    _assert_close(res.model, ref, TOL)
+    _assert_close(res.model, single, TOL)
+
+
+def test_parallel_none_under_torchrun_env_is_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main([*ARGS, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "error: 2 processes were started" in err and "--parallel data" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_parallel_value(tmp_path, capsys):
+    assert train_main([*ARGS, "--parallel", "pipeline", "--out", str(tmp_path / "r")]) == 2
+    assert "error: --parallel must be one of none, data, features" in capsys.readouterr().err
+
+
+def test_data_parallel_batch_must_split_evenly(tmp_path, capsys):
+    """Checked before any training; a world of 1 divides everything, so ask for 3 ranks' split."""
+    ctx = dist_.DistContext("data", 0, 3, 0, torch.device("cpu"), "gloo", False)
+    with pytest.raises(dist_.DistributedError, match="multiple of the 3"):
+        dist_.batches(PlantedSource([8, 8]).batches, 64, 0, 0, ctx)
