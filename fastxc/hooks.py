@@ -202,17 +202,16 @@ def bos_prefix(tokenizer) -> list[int]:
 
 
 def special_mask(input_ids: Tensor, attention_mask: Tensor, tokenizer) -> Tensor:
-    """[B, T] bool: positions the crosscoder never saw in training (BOS, pad, other specials).
+    """[B, T] bool: positions the crosscoder never saw in training: BOS and padding.
 
-    The harvester drops BOS/pad positions (their norms are outliers), so splicing and ablation
-    leave them untouched.
+    The harvester drops exactly these (BOS norms are outliers), so splicing and ablation leave
+    them untouched.
     """
-    special = torch.zeros_like(input_ids, dtype=torch.bool)
-    for tid in set(getattr(tokenizer, "all_special_ids", []) or []):
-        if tid == getattr(tokenizer, "eos_token_id", None) and tid != getattr(tokenizer, "bos_token_id", None):
-            continue  # EOS ends documents inside harvested windows and is kept there
-        special |= input_ids == tid
-    return special | (attention_mask == 0)
+    skip = attention_mask == 0
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        skip = skip | (input_ids == bos)
+    return skip
 
 
 def store_contexts(reader, rows: Sequence[int], max_len: int, prefix: Sequence[int] = ()) -> list[list[int]]:

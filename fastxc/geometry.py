@@ -1,0 +1,229 @@
+"""Feature geometry (seed section 6, eq. 8, Figure 4): parallelogram loss of word-pair analogies.
+
+For a function class (pairs (a, b) related by one function, e.g. he:she, Tom:Ann), every two
+pairs (a, b), (c, d) form a parallelogram a:b :: c:d. With E the PCA-reduced layer-L input
+activations of the words,
+
+    loss = ||E_a - E_b - E_c + E_d|| / sqrt(||E_a||^2 + ||E_b||^2 + ||E_c||^2 + ||E_d||^2)   (eq. 8)
+
+over all unordered pairs of pairs. A word's activation is the layer input at its token when the
+model reads ``[BOS] word`` (single-token words only, the seed's rule; " word" with a leading space
+is preferred, as in running text). PCA is fitted per model on all the words it is evaluated on.
+The word-pair set shipped in ``fastxc/data/word_pairs.json``; users pass their own JSON
+``{"class": [["a", "b"], ...]}``.
+CLI: ``python -m fastxc.geometry --model-a A --model-b B --layer L [--pairs FILE] [--dims 2,10,20]``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fastxc.hooks import AnalysisError, bos_prefix, capture_residual, pad_batch, pad_id_of
+
+DEFAULT_PAIRS = Path(__file__).parent / "data" / "word_pairs.json"
+DEFAULT_DIMS = (2, 10, 20)
+
+
+def parallelogram_loss(Ea: torch.Tensor, Eb: torch.Tensor, Ec: torch.Tensor, Ed: torch.Tensor) -> torch.Tensor:
+    """Seed eq. 8 over the last dimension: [..., k] x 4 -> [...]."""
+    num = (Ea - Eb - Ec + Ed).norm(dim=-1)
+    den = (Ea.pow(2).sum(-1) + Eb.pow(2).sum(-1) + Ec.pow(2).sum(-1) + Ed.pow(2).sum(-1)).sqrt()
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def pca(X: torch.Tensor, dims: int) -> torch.Tensor:
+    """Project the rows of X [N, d] on their top ``dims`` principal components: [N, dims].
+
+    The data are centred first (the projection of the mean is the origin).
+    """
+    if X.dim() != 2:
+        raise AnalysisError(f"PCA needs a [N, d] matrix, got shape {tuple(X.shape)}")
+    N, d = X.shape
+    if not 1 <= dims <= min(N, d):
+        raise AnalysisError(f"cannot reduce {N} points of width {d} to {dims} PCA dims (at most {min(N, d)})")
+    Xc = X.double() - X.double().mean(0)
+    U, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
+    return (Xc @ Vh[:dims].T).to(X.dtype)
+
+
+def load_word_pairs(path: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Function classes from a JSON file {"class": [["a", "b"], ...]} (keys starting with _ ignored)."""
+    p = Path(path) if path is not None else DEFAULT_PAIRS
+    if not p.is_file():
+        raise FileNotFoundError(f"no word-pair file: {p}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise AnalysisError(f"{p}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise AnalysisError(f"{p}: expected an object {{class: [[a, b], ...]}}")
+    out = {}
+    for name, pairs in raw.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(pairs, list) or not all(isinstance(q, (list, tuple)) and len(q) == 2
+                                                  and all(isinstance(w, str) and w for w in q) for q in pairs):
+            raise AnalysisError(f"{p}: class {name!r} must be a list of [word, word] pairs")
+        out[name] = [(a, b) for a, b in pairs]
+    if not out:
+        raise AnalysisError(f"{p}: no function class")
+    return out
+
+
+def single_token_id(tokenizer, word: str) -> int | None:
+    """The id of `` word`` (preferred) or ``word`` when it is one token, else None."""
+    for form in (" " + word, word):
+        ids = tokenizer(form, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return int(ids[0])
+    return None
+
+
+def usable_pairs(tokenizer, classes: dict, min_pairs: int = 2) -> tuple[dict, dict[str, int]]:
+    """Keep the pairs whose two words are single tokens; drop classes with < min_pairs of them.
+
+    Returns ({class: [(a, b), ...]}, {word: token id}).
+    """
+    ids: dict[str, int] = {}
+    kept = {}
+    for name, pairs in classes.items():
+        ok = []
+        for a, b in pairs:
+            ta, tb = single_token_id(tokenizer, a), single_token_id(tokenizer, b)
+            if ta is not None and tb is not None and ta != tb:
+                ids[a], ids[b] = ta, tb
+                ok.append((a, b))
+        if len(ok) >= min_pairs:
+            kept[name] = ok
+    return kept, {w: ids[w] for name in kept for p in kept[name] for w in p}
+
+
+@torch.no_grad()
+def word_activations(model, tokenizer, layer: int, token_ids: Sequence[int], batch_size: int = 64) -> torch.Tensor:
+    """Layer-``layer`` input at each word's token when the model reads ``[BOS] word``: [n, d]."""
+    prefix = bos_prefix(tokenizer)
+    seqs = [prefix + [int(t)] for t in token_ids]
+    dev = next(model.parameters()).device
+    out = []
+    for lo in range(0, len(seqs), batch_size):
+        ids, mask = pad_batch(seqs[lo : lo + batch_size], pad_id_of(tokenizer))
+        h = capture_residual(model, layer, ids.to(dev), mask.to(dev))
+        out.append(h[:, len(prefix)].cpu())
+    return torch.cat(out)
+
+
+def class_losses(E: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """Parallelogram loss over all unordered pairs of pairs of one class: [n (n - 1) / 2]."""
+    combos = list(itertools.combinations(range(len(pairs)), 2))
+    if not combos:
+        return torch.zeros(0)
+    a = torch.stack([E[pairs[i][0]] for i, _ in combos])
+    b = torch.stack([E[pairs[i][1]] for i, _ in combos])
+    c = torch.stack([E[pairs[j][0]] for _, j in combos])
+    d = torch.stack([E[pairs[j][1]] for _, j in combos])
+    return parallelogram_loss(a.double(), b.double(), c.double(), d.double()).float()
+
+
+def geometry_analysis(models: Sequence, names: Sequence[str], tokenizer, layer: int, classes: dict | None = None,
+                      dims: Sequence[int] = DEFAULT_DIMS, out: str | Path | None = None) -> dict:
+    """Parallelogram losses per class, model and PCA dimension (+ one CDF PNG per dimension).
+
+    Returns {"classes": {class: pairs}, "losses": {dims: {class: {model: [losses]}}}, "median": ...}.
+    """
+    classes = load_word_pairs(None) if classes is None else classes
+    kept, ids = usable_pairs(tokenizer, classes)
+    if not kept:
+        raise AnalysisError("no function class has 2 pairs of single-token words for this tokenizer")
+    words = list(ids)
+    if any(k > len(words) for k in dims):
+        raise AnalysisError(f"PCA to {max(dims)} dims needs at least that many words; only {len(words)} are single tokens")
+    res = {"classes": {k: [list(p) for p in v] for k, v in kept.items()}, "skipped": sorted(set(classes) - set(kept)),
+           "models": list(names), "layer": layer, "n_words": len(words), "losses": {}, "median": {}}
+    acts = [word_activations(m, tokenizer, layer, [ids[w] for w in words]) for m in models]
+    for k in dims:
+        res["losses"][str(k)] = {}
+        res["median"][str(k)] = {}
+        reduced = [pca(a, k) for a in acts]
+        for cls, pairs in kept.items():
+            res["losses"][str(k)][cls] = {}
+            res["median"][str(k)][cls] = {}
+            for name, R in zip(names, reduced):
+                E = {w: R[i] for i, w in enumerate(words)}
+                L = class_losses(E, pairs)
+                res["losses"][str(k)][cls][name] = L.tolist()
+                res["median"][str(k)][cls][name] = float(L.median()) if L.numel() else float("nan")
+    if out is not None:
+        from fastxc.analysis import write_json
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for k in dims:
+            plot_cdf(res["losses"][str(k)], out / f"geometry_pca{k}.png", f"parallelogram loss, PCA {k}D")
+        write_json(out / "geometry.json", res)
+    return res
+
+
+def plot_cdf(losses: dict, path: Path, title: str) -> Path:
+    """Seed Figure 4: cumulative fraction against parallelogram loss, one panel per class."""
+    import math
+
+    from fastxc.analysis import pyplot, savefig
+
+    plt = pyplot()
+    cls = list(losses)
+    cols = min(4, len(cls))
+    rows = math.ceil(len(cls) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, cls):
+        for name, L in losses[c].items():
+            v = np.sort(np.asarray(L))
+            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=name)
+        ax.set_title(c, fontsize=9)
+        ax.set_xlim(0, 1.5)
+        ax.set_xlabel("parallelogram loss", fontsize=8)
+        ax.set_ylabel("cumulative fraction", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cls):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return savefig(fig, Path(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastxc.analysis import inputs_from_args, out_dir, parser, run_cli
+
+    p = parser("python -m fastxc.geometry", "Parallelogram loss of word-pair analogies on PCA-reduced activations (seed Fig. 4).")
+    p.add_argument("--pairs", default=None, help='word-pair JSON {"class": [["a", "b"], ...]} (default: the shipped set)')
+    p.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="PCA dimensions")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        try:
+            dims = [int(v) for v in args.dims.split(",") if v.strip()]
+        except ValueError:
+            raise AnalysisError("--dims takes comma-separated integers") from None
+        inp = inputs_from_args(args)
+        models, tok = inp.models(), inp.tokenizer()
+        out = out_dir(args, "runs/fastxc-geometry")
+        res = geometry_analysis(models, inp.source_names, tok, inp.layer, load_word_pairs(args.pairs), dims, out)
+        for k in dims:
+            print(f"PCA {k}D: median parallelogram loss")
+            for c, per in res["median"][str(k)].items():
+                print(f"  {c:16s} " + "  ".join(f"{n} {v:.3f}" for n, v in per.items()))
+        if res["skipped"]:
+            print(f"skipped (fewer than 2 single-token pairs): {', '.join(res['skipped'])}")
+        print(f"wrote {out}/geometry.json, geometry_pca*.png")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

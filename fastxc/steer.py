@@ -1,0 +1,251 @@
+"""Steering (seed section 5, Figure 3; seed 003): add a direction to a model's residual stream
+while it generates, and measure thinking length and reasoning-marker counts.
+
+Directions, all in the model's raw residual units [d]:
+
+- a crosscoder feature k for source i: W_dec[k, src_i] / input_scale_i, so alpha is in units
+  of the feature's activation (alpha = the feature's mean activation adds what the feature adds
+  when it fires at its mean); several features add their rows;
+- difference of means (seed 003): mean activation of one model at positions just before a
+  marker minus its mean at all other positions (raw store rows), to be applied to *another*
+  model of the same width.
+
+The direction is added (times alpha) to the input of layer L at every position, prompt and
+generated tokens alike. CLI: ``python -m fastxc.steer --crosscoder DIR --store DIR --feature K
+--prompts FILE``.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fastxc.analysis import decoder_slice
+from fastxc.crosscoder import Crosscoder
+from fastxc.hooks import AnalysisError, edit_residual, hidden_size
+from fastxc.reasoning import DEFAULT_CATEGORIES, marker_rows
+
+THINK_CLOSE = "</think>"
+
+
+def feature_direction(cc: Crosscoder, features: Sequence[int], source: int) -> torch.Tensor:
+    """Sum of the features' decoder rows for ``source`` in raw model units: [d_source]."""
+    if not features:
+        raise AnalysisError("no feature to steer with")
+    return decoder_slice(cc, source, list(features)).sum(0)
+
+
+@torch.no_grad()
+def diff_means_direction(reader, tokenizer, words: Sequence[str], source: int, n_other: int = 20000,
+                         seed: int = 0) -> torch.Tensor:
+    """Mean raw activation of ``source`` just before a marker minus its mean elsewhere: [d]."""
+    pos = marker_rows(reader, tokenizer, words, "before")
+    if len(pos) == 0:
+        raise AnalysisError(f"no position before the markers {list(words)} in store {reader.path}")
+    rng = np.random.default_rng(seed)
+    is_pos = np.zeros(len(reader), dtype=bool)
+    is_pos[pos] = True
+    others = np.flatnonzero(~is_pos)
+    others = np.sort(rng.choice(others, min(n_other, len(others)), replace=False))
+    pos = np.sort(rng.choice(pos, min(n_other, len(pos)), replace=False))
+
+    def mean(rows):
+        x = reader.read_rows(rows, normalise=False)
+        x = x.reshape(len(rows), -1)
+        lo = int(np.sum(reader.widths[:source]))
+        return x[:, lo : lo + reader.widths[source]].double().mean(0)
+
+    return (mean(pos) - mean(others)).float()
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # generated text (special tokens kept, EOS and padding removed)
+    n_tokens: int  # generated tokens (EOS included)
+    think_tokens: int  # tokens until </think> (n_tokens when it never closes)
+    closed: bool  # </think> was generated
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], layer: int, direction: torch.Tensor | None = None,
+             alpha: float = 0.0, max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0,
+             batch_size: int = 16) -> list[Generation]:
+    """Sample a completion of every prompt with ``alpha * direction`` added at layer ``layer``.
+
+    temperature 0 is greedy. Sampling is plain (no top-k / top-p) and seeded per batch, so the
+    steered and unsteered runs draw from the same random stream.
+    """
+    if direction is not None and direction.numel() != hidden_size(model):
+        raise AnalysisError(f"steering direction has {direction.numel()} entries but the model's residual width is "
+                            f"{hidden_size(model)}")
+    dev = next(model.parameters()).device
+    tokenizer.padding_side = "left"  # generation appends on the right
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE) if THINK_CLOSE in tokenizer.get_vocab() else None
+    vec = None if direction is None else (float(alpha) * direction.float()).to(dev)
+    out: list[Generation] = []
+    for lo in range(0, len(prompts), batch_size):
+        batch = list(prompts[lo : lo + batch_size])
+        enc = tokenizer(batch, return_tensors="pt", padding=True).to(dev)
+        torch.manual_seed(seed + lo)
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        ctx = edit_residual(model, layer, lambda h: h + vec.to(h.dtype)) if vec is not None else contextlib.nullcontext()
+        with ctx:
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **kw)
+        gen = gen[:, enc["input_ids"].shape[1] :].tolist()
+        for p, row in zip(batch, gen):
+            ended = eos is not None and eos in row
+            row = row[: row.index(eos) + 1] if ended else row
+            body = [t for t in row if t != eos and t != pad]
+            if close_id is not None and close_id in row:
+                think, closed = row.index(close_id), True
+            else:
+                text_so_far = tokenizer.decode(body, skip_special_tokens=False)
+                closed = THINK_CLOSE in text_so_far
+                think = len(row) if not closed else len(tokenizer(text_so_far.split(THINK_CLOSE)[0], add_special_tokens=False)["input_ids"])
+            out.append(Generation(p, tokenizer.decode(body, skip_special_tokens=False), len(row), think, closed))
+    return out
+
+
+def count_words(text: str, words: Sequence[str]) -> int:
+    return len(re.findall(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", text))
+
+
+def marker_stats(gens: Sequence[Generation], categories: dict | None = None) -> dict:
+    """Thinking length, close rate and marker counts / rates per generated token."""
+    cats = categories or DEFAULT_CATEGORIES
+    tokens = sum(g.n_tokens for g in gens)
+    n = max(len(gens), 1)
+    s = {"n": len(gens), "tokens": tokens, "mean_tokens": tokens / n,
+         "mean_think_tokens": sum(g.think_tokens for g in gens) / n,
+         "close_rate": sum(g.closed for g in gens) / n, "markers": {}, "rate": {}}
+    for name, words in cats.items():
+        c = sum(count_words(g.text, words) for g in gens)
+        s["markers"][name] = c
+        s["rate"][name] = c / max(tokens, 1)
+    return s
+
+
+def steer_sweep(model, tokenizer, prompts: Sequence[str], layer: int, direction: torch.Tensor,
+                alphas: Sequence[float], categories: dict | None = None, **gen_kw) -> list[dict]:
+    """``marker_stats`` of the generations at each alpha (alpha 0: the unsteered run)."""
+    res = []
+    for a in alphas:
+        gens = generate(model, tokenizer, prompts, layer, direction, float(a), **gen_kw)
+        res.append({"alpha": float(a), **marker_stats(gens, categories), "samples": [asdict(g) for g in gens]})
+    return res
+
+
+def plot_sweep(sweep: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Marker rates and thinking length against alpha."""
+    from fastxc.analysis import pyplot, savefig
+
+    plt = pyplot()
+    a = [r["alpha"] for r in sweep]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.5, 3.2))
+    for name in sweep[0]["rate"]:
+        ax1.plot(a, [r["rate"][name] for r in sweep], marker="o", label=name)
+    ax1.set_xlabel("alpha")
+    ax1.set_ylabel("markers per generated token")
+    ax1.legend(fontsize=7)
+    ax2.plot(a, [r["mean_think_tokens"] for r in sweep], marker="o", color="#cc3311")
+    ax2.set_xlabel("alpha")
+    ax2.set_ylabel("mean thinking length (tokens)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return savefig(fig, Path(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastxc.analysis import inputs_from_args, out_dir, parser, read_texts, run_cli, write_json
+    from fastxc.reasoning import load_categories
+
+    p = parser("python -m fastxc.steer", "Steer a model with crosscoder features or difference-of-means directions.")
+    p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with --prompt-field")
+    p.add_argument("--prompt-field", default="question")
+    p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' <think>'")
+    p.add_argument("--n-prompts", type=int, default=32)
+    p.add_argument("--steer", default="b", choices=("a", "b"), help="which model to steer (source 0 = a, 1 = b)")
+    p.add_argument("--feature", default=None, help="comma-separated crosscoder features to add")
+    p.add_argument("--diff-means", default=None, metavar="CATEGORY",
+                   help="steer with the difference-of-means direction of a marker category instead")
+    p.add_argument("--direction-from", default="a", choices=("a", "b"), help="model whose activations give --diff-means")
+    p.add_argument("--categories", default=None, help='JSON file {"name": ["Marker", ...]}')
+    p.add_argument("--alphas", default="0,1,2,4,8", help="comma-separated steering strengths")
+    p.add_argument("--alpha-unit", default="mean", choices=("mean", "raw"),
+                   help="mean: alphas are multiples of the features' mean activation (needs --store); raw: as given")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--show", type=int, default=3, help="completions printed steered vs unsteered")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        try:
+            alphas = [float(v) for v in args.alphas.split(",") if v.strip()]
+            feats = [int(v) for v in args.feature.split(",") if v.strip()] if args.feature else []
+        except ValueError:
+            raise AnalysisError("--alphas and --feature take comma-separated numbers") from None
+        if bool(feats) == bool(args.diff_means):
+            raise AnalysisError("give exactly one of --feature or --diff-means")
+        inp = inputs_from_args(args)
+        cc = inp.crosscoder
+        target = 0 if args.steer == "a" else 1
+        if target >= cc.n_sources:
+            raise AnalysisError(f"the crosscoder has {cc.n_sources} source(s): no model {args.steer}")
+        models, tok = inp.models(), inp.tokenizer()
+        cats = load_categories(args.categories)
+        unit = 1.0
+        if feats:
+            direction = feature_direction(cc, feats, target)
+            desc = f"features {feats} of {cc.source_names[target]}"
+            if args.alpha_unit == "mean":
+                if inp.reader is None:
+                    raise AnalysisError("--alpha-unit mean needs --store (to measure the features' mean activation)")
+                from fastxc.diff import feature_activity
+
+                act = feature_activity(cc, inp.reader, n_rows=min(len(inp.reader), 50000), n_top=1)
+                unit = float(act.mean_act[feats].mean())
+                if unit <= 0:
+                    raise AnalysisError(f"features {feats} never fire in the store: no mean activation to scale by")
+        else:
+            if args.diff_means not in cats:
+                raise AnalysisError(f"unknown category {args.diff_means!r}; known: {', '.join(cats)}")
+            if inp.reader is None:
+                raise AnalysisError("--diff-means needs --store")
+            src = 0 if args.direction_from == "a" else 1
+            direction = diff_means_direction(inp.reader, tok, cats[args.diff_means], src, seed=args.seed)
+            desc = f"difference of means before {args.diff_means} markers in {cc.source_names[src]}"
+        prompts = [q + args.suffix for q in read_texts(args.prompts, args.prompt_field, args.n_prompts)]
+        sweep = steer_sweep(models[target], tok, prompts, inp.layer, direction, [a * unit for a in alphas], cats,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        out = out_dir(args, "runs/fastxc-steer")
+        res = {"direction": desc, "steered_model": inp.model_names[target], "layer": inp.layer, "alpha_unit": unit,
+               "alphas": alphas, "sweep": sweep}
+        write_json(out / "steer.json", res)
+        plot_sweep(sweep, out / "steer.png", f"steering {cc.source_names[target]} with {desc}")
+        base = next((r for r in sweep if r["alpha"] == 0), None)
+        for r in sweep:
+            print(f"alpha {r['alpha']:8.3f}: think {r['mean_think_tokens']:6.1f} tok, closed {r['close_rate']:.2f}, "
+                  + ", ".join(f"{k} {v:.4f}/tok" for k, v in r["rate"].items()))
+        strongest = sweep[-1]
+        for j in range(min(args.show, len(prompts))):
+            print(f"\n--- prompt: {prompts[j]}")
+            if base is not None:
+                print(f"unsteered:      {base['samples'][j]['text']}")
+            print(f"alpha {strongest['alpha']:.3g}: {strongest['samples'][j]['text']}")
+        print(f"\nwrote {out}/steer.json, steer.png")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
