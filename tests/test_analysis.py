@@ -48,6 +48,9 @@ def build_world(root, n_seqs: int = 24, seq_len: int = 12):
     from fastxc.hooks import capture_residual
     from fastxc.store import write_store
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tok = make_tokenizer()
     paths = []
     models = []
