@@ -479,6 +479,27 @@ class FeatureParallelCrosscoder(nn.Module):
         return f"features [{self.lo}, {self.hi}) of {self.n_features}, widths={self.widths}, activation={self.activation!r}, k={self.k}"
 
 
+def feature_parallel_comm_bytes(batch_size: int, d_total: int, k: int, activation: str = "topk",
+                                aux_k: int = 0, world_size: int = 2) -> dict[str, int]:
+    """Bytes of the tensors one rank hands to collectives in one feature-parallel training step
+    (forward; the backward sends nothing). Independent of the dictionary size F.
+
+    all_gather: what one rank contributes (each rank receives world_size times this). all_reduce:
+    the tensor size (a ring all_reduce sends and receives 2*(W-1)/W of it per rank). ``aux_k``:
+    the AuxK candidates per row, min(--aux-k, dead features); its terms count only on steps
+    with dead features.
+    """
+    B, D = batch_size, d_total
+    gather = {"topk": B * k * 8, "batchtopk": k * B * 4, "relu": 0}[activation]  # (fp32 bits, int32 id) | fp32
+    reduce = B * D * 4 + 16  # partial reconstructions [B, D] fp32 + (dead, active) counts as 2 float64
+    if activation == "relu":
+        reduce += 4  # the decoder-norm penalty's partial sum
+    if aux_k and activation != "relu":
+        gather += B * aux_k * 8
+        reduce += B * D * 4  # partial AuxK reconstructions
+    return {"all_gather": gather, "all_gather_received": gather * world_size, "all_reduce": reduce}
+
+
 def wrap(model: Crosscoder, ctx: DistContext | None) -> nn.Module:
     """The module this rank trains: ``model`` itself, its data-parallel replica or its slice."""
     if ctx is None:

@@ -252,8 +252,24 @@ def _one_step_worker(result_path: str) -> None:
         lo, hi = dist_.feature_slices(F, W)[rank]
 
         fp = dist_.FeatureParallelCrosscoder(copy.deepcopy(base), ctx).train()
-        o = fp(x, l1_coef=0.3)
-        o.loss.backward()
+        sent = {"all_gather": 0, "all_reduce": 0}
+        real_gather, real_reduce = dist_._all_gather, dist_._all_reduce
+
+        def count(kind, real):
+            def wrapped(t, *a):
+                sent[kind] += t.numel() * t.element_size()
+                return real(t, *a)
+            return wrapped
+
+        dist_._all_gather, dist_._all_reduce = count("all_gather", real_gather), count("all_reduce", real_reduce)
+        try:
+            o = fp(x, l1_coef=0.3)
+            o.loss.backward()
+        finally:
+            dist_._all_gather, dist_._all_reduce = real_gather, real_reduce
+        k_aux = min(aux_k, int(ref.dead_mask().sum()))
+        want = dist_.feature_parallel_comm_bytes(x.shape[0], 16, k, activation, k_aux, W)
+        assert sent == {key: want[key] for key in sent}, f"{activation}: sent {sent}, formula {want}"
         tag = f"features/{activation}"
         for name, a, b in [("recon", o.recon, out.recon), ("code", o.code, out.code[:, lo:hi]), ("loss", o.loss, out.loss),
                            ("mse", o.mse, out.mse), ("aux", o.aux, out.aux), ("sparsity", o.sparsity, out.sparsity),
@@ -277,6 +293,25 @@ def _one_step_worker(result_path: str) -> None:
             note(f"{tag}/{name}", a, bb)
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             note(f"{tag}/grad_{name}", getattr(dp, name).grad, getattr(ref, name).grad)
+
+    # data parallel reads only its rows of a store's global batch i, and every rank skips a
+    # batch that is non-finite on any rank
+    import torch.distributed as dist
+    from fastxc.store import open_store, write_store
+
+    dctx = dataclasses.replace(ctx, mode="data")
+    store = Path(result_path).parent / "store"
+    if rank == 0:
+        write_store(store, torch.randn(200, 2, 8, generator=torch.Generator().manual_seed(1)))
+    dist.barrier()
+    reader = open_store(store)
+    mine, whole = dist_.batches(reader.batches, 16, 3, 5, dctx), reader.batches(16, seed=3, start=5, prefetch=0)
+    for _ in range(3):
+        assert torch.equal(next(mine), next(whole)[rank * 8 : (rank + 1) * 8]), "wrong rows of the store batch"
+    poisoned = torch.zeros(16, 16)
+    poisoned[12, 3] = float("nan")  # in rank 1's rows only
+    x = next(dist_.batches(lambda bs, seed, start: iter([poisoned]), 16, 0, 0, dctx))
+    assert x.shape == (8, 16) and not torch.isfinite(x).all(), "ranks disagree on skipping a NaN batch"
     if rank == 0:
         Path(result_path).write_text(json.dumps(worst, indent=1))
     dist_.shutdown(ctx)
