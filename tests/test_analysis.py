@@ -96,9 +96,30 @@ def random_crosscoder(widths, n_features=64, k=4, scales=None, seed=0) -> Crossc
     return cc.eval()
 
 
+_SHARED: dict = {}
+
+
+def shared_world() -> dict:
+    """One tiny world per test session, shared by every analysis test module (read-only use)."""
+    if "w" not in _SHARED:
+        import atexit
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        root = Path(tempfile.mkdtemp(prefix="fastxc-analysis-"))
+        atexit.register(shutil.rmtree, root, True)
+        from fastxc.store import open_store
+
+        w = build_world(root)
+        w["reader"] = open_store(w["store"])
+        _SHARED["w"] = w
+    return _SHARED["w"]
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("world"))
+def world():
+    return shared_world()
 
 
 # ---------------------------------------------------------------------------- hooks

@@ -7,16 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from test_analysis import LAYER, WIDTH, build_world, identity_crosscoder, random_crosscoder
+from test_analysis import LAYER, WIDTH, identity_crosscoder, random_crosscoder, shared_world
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from fastxc.store import open_store
-
-    w = build_world(tmp_path_factory.mktemp("world2"))
-    w["reader"] = open_store(w["store"])
-    return w
+def world():
+    return shared_world()
 
 
 def _inputs(world, cc):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from test_analysis import LAYER, WIDTH, build_world, random_crosscoder
+from test_analysis import LAYER, WIDTH, random_crosscoder, shared_world
 
 
 def test_parallelogram_loss_hand_computation():
@@ -63,8 +63,8 @@ def test_shipped_word_pairs_load():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("geo"), n_seqs=2, seq_len=4)
+def world():
+    return shared_world()
 
 
 def test_geometry_analysis_on_tiny_models(world, tmp_path_factory):
