@@ -224,6 +224,8 @@ STEP_TOL = 1e-6
 def _one_step_worker(result_path: str) -> None:
     import dataclasses
 
+    import torch.distributed as dist
+
     torch.manual_seed(0)
     ctx = dist_.setup("features", "cpu")
     rank, W = ctx.rank, ctx.world_size
@@ -294,9 +296,31 @@ def _one_step_worker(result_path: str) -> None:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             note(f"{tag}/grad_{name}", getattr(dp, name).grad, getattr(ref, name).grad)
 
+    # a single-process checkpoint (after one Adam step) re-sliced into this rank's features
+    # 18 | 19 of 37: the rows of the weights and of both Adam moments
+    from fastxc.train import save_checkpoint
+
+    one = Crosscoder([8, 8], 37, "topk", k=4)
+    opt1 = torch.optim.Adam(one.parameters(), lr=1e-2)
+    one(torch.randn(10, 16)).loss.backward()
+    opt1.step()
+    ckpt_dir = Path(result_path).parent / "one"
+    if rank == 0:
+        save_checkpoint(ckpt_dir, one, opt1, {"step": 1})
+    dist.barrier()
+    fp = dist_.FeatureParallelCrosscoder(Crosscoder([8, 8], 37, "topk", k=4), ctx)
+    opt = torch.optim.Adam(fp.parameters(), lr=1e-2)
+    assert dist_.load_checkpoint(ckpt_dir / "checkpoint", fp, opt, version=1)["step"] == 1
+    lo, hi = fp.lo, fp.hi
+    st, st1 = opt.state_dict()["state"], opt1.state_dict()["state"]
+    for pid, name in enumerate(dist_.PARAM_NAMES):
+        rows = slice(None) if name == "b_dec" else slice(lo, hi)
+        assert torch.equal(getattr(fp, name), getattr(one, name)[rows]), name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[pid][moment], st1[pid][moment][rows]), f"{name} {moment}"
+
     # data parallel reads only its rows of a store's global batch i, and every rank skips a
     # batch that is non-finite on any rank
-    import torch.distributed as dist
     from fastxc.store import open_store, write_store
 
     dctx = dataclasses.replace(ctx, mode="data")
