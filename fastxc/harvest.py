@@ -143,6 +143,22 @@ def iter_texts(spec: DatasetSpec, text_field: str, seed: int = 0, shuffle_buffer
             yield i, text
 
 
+def check_dataset(spec: DatasetSpec, text_field: str) -> None:
+    """Open the dataset and read its first record: a missing file, an empty dataset or a
+    missing text field fails here, before any model is loaded."""
+    try:
+        first = next(iter(load_text_dataset(spec.path)), None)
+    except HarvestError:
+        raise
+    except Exception as e:
+        raise HarvestError(f"cannot read dataset {spec.path}: {type(e).__name__}: {e}") from e
+    if first is None:
+        raise HarvestError(f"dataset {spec.path} is empty")
+    if text_field not in first:
+        raise HarvestError(f"dataset {spec.path}: no field {text_field!r} (fields: {', '.join(map(str, first))}); "
+                           "pass --text-field")
+
+
 @dataclass
 class Chunk:
     """One model input sequence: ``ids`` (BOS first when the tokenizer has one) taken from
@@ -286,11 +302,18 @@ def load_model(name: str, model_dtype: str = "float32", device: str = "cpu", rev
     if model_dtype not in MODEL_DTYPES:
         raise HarvestError(f"unknown model dtype {model_dtype!r}; choose float32, bfloat16 or float16")
     _check_model_path(name)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model is noise here
     try:
         m = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists()
                                                  else name, **_from_pretrained_kwargs(MODEL_DTYPES[model_dtype], revision))
     except (OSError, ValueError) as e:
         raise HarvestError(f"cannot load model {name}: {e}") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return m.to(device).eval()
 
 
@@ -417,6 +440,8 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
     if shard_rows <= 0:
         raise HarvestError(f"shard_tokens must be > 0, got {shard_tokens}")
 
+    for spec in specs:  # fail on a bad dataset before any model is loaded
+        check_dataset(spec, text_field)
     toks = [load_tokenizer(m, r) for m, r in zip(models, revisions)]
     check_tokenizers(toks, models)
     tok = toks[0]

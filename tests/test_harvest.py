@@ -163,3 +163,306 @@ def test_smoke_bf16_manifest(tmp_path, zoo):
     assert m["datasets"][0]["rows"] == 200 and m["seed"] == 0
     assert not (out / H.STATE).exists()
     r.validate(checksums=True)
+
+
+# ------------------------------------------------------------------------------- sources and mix
+def test_unequal_widths_and_default_layers(tmp_path, zoo):
+    out = harvest([str(zoo["llama_a"]), str(zoo["llama_wide"])], tmp_path / "s", [str(zoo["ds_a"])], tokens=150,
+                  context_length=16, batch_size=4, progress=False)
+    r = open_store(out)
+    assert r.widths == [32, 48]
+    assert [s["layer"] for s in r.manifest["sources"]] == [2, 3]  # n_layers // 2 of each model
+    assert [s["width"] for s in r.manifest["sources"]] == [32, 48]
+    b = next(iter(r.batches(16, prefetch=0)))
+    assert b.shape == (16, 80)
+    x = r.read_rows(np.arange(len(r))).double()
+    means = [x[:, :32].norm(dim=1).mean().item(), x[:, 32:].norm(dim=1).mean().item()]
+    # bf16 rounding of the stored values moves the mean norm by ~1e-3 relative at most
+    np.testing.assert_allclose(means, [32 ** 0.5, 48 ** 0.5], rtol=1e-5)
+
+
+def test_several_layers_of_one_model(tmp_path, zoo):
+    out = harvest([str(zoo["llama_a"])], tmp_path / "s", [str(zoo["ds_a"])], tokens=40, layers=[3, 1],
+                  context_length=16, batch_size=2, store_dtype="float32", progress=False, outlier_factor=0)
+    r = open_store(out)
+    assert [s["layer"] for s in r.manifest["sources"]] == [1, 3]
+    assert r.source_names == ["llama_a@L1", "llama_a@L3"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo["llama_a"]))
+    first = json.loads(open(zoo["ds_a"]).readline())["text"]
+    ids = [tok.bos_token_id] + tok(first, add_special_tokens=False)["input_ids"][:15]
+    sel = np.nonzero(r.meta("doc") == 0)[0]
+    sel = sel[r.meta("pos")[sel] < 15]
+    x = r.read_rows(sel, normalise=False)
+    for k, layer in enumerate((1, 3)):
+        want = _hidden_states(zoo["llama_a"], ids, layer)[r.meta("pos")[sel] + 1]
+        torch.testing.assert_close(x[:, k], want, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_stops_after_deepest_layer(zoo):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(zoo["llama_wide"])).eval()
+    layers = H.find_layers(m)
+    assert len(layers) == 6
+    ran = []
+    hs = [l.register_forward_hook(lambda mod, a, o, i=i: ran.append(i)) for i, l in enumerate(layers)]
+    head = m.lm_head.register_forward_hook(lambda *a: ran.append("head"))
+    cap = H.LayerCapture(m, [2, 1])
+    got = cap.run(torch.tensor([[3, 4, 5, 6]]), torch.ones(1, 4, dtype=torch.long))
+    assert sorted(got) == [1, 2] and ran == [0, 1]  # layer 2 and everything above never ran
+    cap.remove()
+    ran.clear()
+    m(input_ids=torch.tensor([[3, 4, 5, 6]]))
+    assert ran == [0, 1, 2, 3, 4, 5, "head"]  # hooks removed: the full model runs again
+    for h in hs + [head]:
+        h.remove()
+    with pytest.raises(HarvestError, match="layer 6 is out of range"):
+        H.LayerCapture(m, [6])
+
+
+def test_mixing_proportions(tmp_path, zoo):
+    ctx = 16
+    out = harvest([str(zoo["llama_a"]), str(zoo["llama_b"])], tmp_path / "s",
+                  [f"{zoo['ds_a']}:0.3", f"{zoo['ds_b']}:0.7"], tokens=800, context_length=ctx, batch_size=4,
+                  progress=False, outlier_factor=0)
+    r = open_store(out)
+    ds = r.meta("dataset")
+    frac = np.bincount(ds, minlength=2) / len(ds)
+    # the mixer keeps each dataset within one chunk (ctx - 1 stored tokens) of its share, and
+    # the last batch is cut to the token budget (at most batch_size chunks)
+    bound = (ctx - 1) * (1 + 4) / len(ds)
+    assert abs(frac[1] - 0.7) <= bound, (frac, bound)
+    assert [d["proportion"] for d in r.manifest["datasets"]] == [0.3, 0.7]
+    assert [d["rows"] for d in r.manifest["datasets"]] == np.bincount(ds, minlength=2).tolist()
+    # the stored tokens really come from each dataset's vocabulary
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo["llama_a"]))
+    only_b = set(tok.convert_tokens_to_ids(sorted(set(WORDS_B) - set(WORDS_A))))
+    assert not (set(r.tokens[ds == 0].tolist()) & only_b)
+    assert set(r.tokens[ds == 1].tolist()) <= only_b | set(tok.convert_tokens_to_ids(WORDS_A))
+
+
+def test_parse_dataset_specs():
+    s = H.parse_dataset_specs(["a.jsonl:1", "org/name:3"])
+    assert [(x.path, x.proportion) for x in s] == [("a.jsonl", 0.25), ("org/name", 0.75)]
+    assert [x.proportion for x in H.parse_dataset_specs(["a", "b"])] == [0.5, 0.5]
+    with pytest.raises(HarvestError, match="every dataset or for none"):
+        H.parse_dataset_specs(["a:0.5", "b"])
+    with pytest.raises(HarvestError, match="positive"):
+        H.parse_dataset_specs(["a:0"])
+
+
+def test_outlier_positions_dropped_and_counted(tmp_path, zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo["llama_a"]))
+    cat = tok.convert_tokens_to_ids("cat")
+    for name in ("llama_a", "llama_b"):
+        m = AutoModelForCausalLM.from_pretrained(str(zoo[name]))
+        with torch.no_grad():
+            m.model.embed_tokens.weight[cat] *= 1000.0  # an attention-sink-like huge residual
+        m.save_pretrained(str(tmp_path / name))
+        tok.save_pretrained(str(tmp_path / name))
+    ds = write_jsonl(tmp_path / "small.jsonl", WORDS_A, 15, seed=3)
+    # tokens beyond the dataset: every position of every document is processed
+    out = harvest([str(tmp_path / "llama_a"), str(tmp_path / "llama_b")], tmp_path / "s", [str(ds)],
+                  tokens=10**6, layer=1, context_length=16, batch_size=4, progress=False)
+    r = open_store(out)
+    n_cat = sum(tok(json.loads(l)["text"], add_special_tokens=False)["input_ids"].count(cat) for l in open(ds))
+    n_all = sum(len(tok(json.loads(l)["text"], add_special_tokens=False)["input_ids"]) for l in open(ds))
+    assert n_cat >= 5
+    assert r.manifest["dropped_outliers"] == n_cat and len(r) == n_all - n_cat
+    assert cat not in set(r.tokens.tolist())
+    out0 = harvest([str(tmp_path / "llama_a"), str(tmp_path / "llama_b")], tmp_path / "s0", [str(ds)],
+                   tokens=10**6, layer=1, context_length=16, batch_size=4, progress=False, outlier_factor=0)
+    r0 = open_store(out0)
+    assert r0.manifest["dropped_outliers"] == 0 and len(r0) == n_all
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+def test_tokenizer_mismatch_names_first_difference(tmp_path, zoo):
+    with pytest.raises(HarvestError, match=rf"token id 10 is {zoo['inv'][11]!r} in .*llama_a but "
+                                           rf"{zoo['inv'][10]!r} in .*llama_swapped"):
+        harvest([str(zoo["llama_a"]), str(zoo["llama_swapped"])], tmp_path / "s", [str(zoo["ds_a"])], tokens=10,
+                progress=False)
+    n = len(zoo["inv"])
+    with pytest.raises(HarvestError, match=rf"token id {n} is None in .*llama_a but 'zebra'"):
+        harvest([str(zoo["llama_a"]), str(zoo["llama_bigger_vocab"])], tmp_path / "s", [str(zoo["ds_a"])],
+                tokens=10, progress=False)
+    assert not (tmp_path / "s").exists()  # refused before touching the disk
+
+
+# ------------------------------------------------------------------------------ resume and safety
+def _ref_args(zoo):
+    return dict(models=[str(zoo["llama_a"]), str(zoo["llama_b"])],
+                datasets=[f"{zoo['ds_a']}:0.5", f"{zoo['ds_b']}:0.5"], tokens=400, context_length=16,
+                batch_size=4, shard_tokens=64)
+
+
+def _cli(zoo, out) -> list[str]:
+    a = _ref_args(zoo)
+    argv = ["--model-a", a["models"][0], "--model-b", a["models"][1], "--tokens", str(a["tokens"]), "--out", str(out),
+            "--context-length", "16", "--batch-size", "4", "--shard-tokens", "64", "--no-progress"]
+    for d in a["datasets"]:
+        argv += ["--dataset", d]
+    return argv
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(zoo, tmp_path_factory):
+    """An uninterrupted harvest: the store every interrupted run must reproduce exactly."""
+    out = harvest(out=tmp_path_factory.mktemp("ref") / "s", progress=False, **_ref_args(zoo))
+    d = _digest(out)
+    assert len(open_store(out).manifest["shards"]) >= 5 and "manifest.json" in d
+    return d
+
+
+def test_resume_after_crash_is_identical(tmp_path, zoo, reference, monkeypatch):
+    real = S.ShardWriter.write_shard
+    calls = {"n": 0}
+
+    def crash_on_third(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # what a Ctrl-C mid-harvest looks like
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(S.ShardWriter, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(out=tmp_path / "s", progress=False, **_ref_args(zoo))
+    monkeypatch.setattr(S.ShardWriter, "write_shard", real)
+    with pytest.raises(StoreError, match=r"manifest.json is missing.*interrupted"):
+        open_store(tmp_path / "s")  # an unfinished store is never served
+    st = json.loads((tmp_path / "s" / H.STATE).read_text())
+    assert len(st["shards"]) == 2
+    harvest(out=tmp_path / "s", progress=False, **_ref_args(zoo))
+    assert _digest(tmp_path / "s") == reference
+    # a finished harvest rerun with the same settings is a no-op; other settings are refused
+    harvest(out=tmp_path / "s", progress=False, **_ref_args(zoo))
+    assert _digest(tmp_path / "s") == reference
+    with pytest.raises(HarvestError, match="other settings"):
+        harvest(out=tmp_path / "s", progress=False, **{**_ref_args(zoo), "tokens": 300})
+
+
+def test_full_disk_then_resume(tmp_path, zoo, reference, monkeypatch):
+    import errno
+
+    real = S._write_chunks
+    calls = {"n": 0}
+
+    def full_disk(f, chunks):
+        calls["n"] += 1
+        if calls["n"] == 9:  # somewhere inside the third shard's files
+            f.write(bytes(chunks[0])[:3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, chunks)
+
+    monkeypatch.setattr(S, "_write_chunks", full_disk)
+    with pytest.raises(StoreError, match="disk full while writing"):
+        harvest(out=tmp_path / "s", progress=False, **_ref_args(zoo))
+    monkeypatch.setattr(S, "_write_chunks", real)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "s").iterdir())  # no temporaries left
+    st = json.loads((tmp_path / "s" / H.STATE).read_text())
+    for rec in st["shards"]:  # what the state lists is complete
+        for f in rec["files"].values():
+            assert S.sha256_file(tmp_path / "s" / f["path"]) == f["sha256"]
+    assert main_rc(_cli(zoo, tmp_path / "s")) == 0
+    assert _digest(tmp_path / "s") == reference
+
+
+def main_rc(argv) -> int:
+    return H.main(argv)
+
+
+def _run_cli(argv, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fastxc.harvest", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+def _kill_after_shards(zoo, out: Path, n_shards: int) -> None:
+    """Start the CLI, SIGKILL it once ``n_shards`` shards are complete (or it finished)."""
+    p = _run_cli(_cli(zoo, out))
+    deadline = time.time() + 300
+    while p.poll() is None and time.time() < deadline:
+        st = out / H.STATE
+        try:
+            if st.exists() and len(json.loads(st.read_text())["shards"]) >= n_shards:
+                break
+        except (json.JSONDecodeError, OSError):
+            pass
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+
+
+def test_sigkill_and_rerun_is_identical(tmp_path, zoo, reference):
+    out = tmp_path / "s"
+    _kill_after_shards(zoo, out, 2)
+    assert not (out / "manifest.json").exists()
+    assert H.main(_cli(zoo, out)) == 0  # the same command again (in-process: saves a start-up)
+    assert _digest(out) == reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 2.0, 3.5, 5.0, 6.5])
+def test_sigkill_at_random_moments(tmp_path, zoo, reference, delay):
+    """Kill at fixed wall-clock delays (start-up, mid-shard, between shards...), then rerun."""
+    out = tmp_path / "s"
+    p = _run_cli(_cli(zoo, out))
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    p = _run_cli(_cli(zoo, out))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()
+    assert _digest(out) == reference
+
+
+# --------------------------------------------------------------------------------- errors and CLI
+def test_harvested_store_corruption_detected(tmp_path, zoo):
+    out = harvest([str(zoo["llama_a"]), str(zoo["llama_b"])], tmp_path / "s", [str(zoo["ds_a"])], tokens=100,
+                  context_length=16, batch_size=4, progress=False, shard_tokens=40)
+    p = out / "shard-00001.acts"
+    b = bytearray(p.read_bytes())
+    b[100] ^= 0x01
+    p.write_bytes(bytes(b))
+    with pytest.raises(StoreError, match=r"checksum mismatch in .*shard-00001\.acts"):
+        open_store(out).validate(checksums=True)
+    p.write_bytes(bytes(b[:-4]))
+    with pytest.raises(StoreError, match=r"shard-00001\.acts has .* truncated"):
+        open_store(out)
+
+
+def test_cli_errors(tmp_path, zoo, capsys):
+    a, b, ds = str(zoo["llama_a"]), str(zoo["llama_b"]), str(zoo["ds_a"])
+    cases = [
+        (["--model-a", str(tmp_path / "nope"), "--model-b", b], "model not found"),
+        (["--model-a", a, "--model-b", b, "--dataset", str(tmp_path / "no.jsonl")], "dataset file not found"),
+        (["--model-a", a, "--model-b", b, "--layer", "9"], "layer 9 is out of range"),
+        (["--model-a", a, "--model-b", b, "--layers", "1,x"], "--layers must be"),
+        (["--model-a", a, "--model-b", b, "--text-field", "body"], "no field 'body'"),
+        (["--model-a", a, "--model-b", b, "--dtype", "int4"], "unknown store dtype"),
+        (["--model-a", a], ">= 2 sources"),
+        (["--model-a", a, "--model-b", str(zoo["llama_swapped"])], "tokenizers differ: token id 10"),
+    ]
+    for extra, msg in cases:
+        argv = extra + ["--tokens", "20", "--out", str(tmp_path / "o"), "--no-progress"]
+        if "--dataset" not in extra:
+            argv += ["--dataset", ds]
+        rc = H.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 1 and err.startswith("error: ") and msg in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    rc = H.main(["--model-a", a, "--model-b", b, "--dataset", ds, "--tokens", "30", "--out", str(tmp_path / "ok"),
+                 "--no-progress", "--context-length", "16", "--dtype", "fp8"])
+    assert rc == 0 and "30 tokens" in capsys.readouterr().out
+    r = open_store(tmp_path / "ok")
+    assert r.dtype == "float8_e4m3fn" and len(r) == 30
