@@ -75,7 +75,8 @@ def single(tmp_path_factory) -> Crosscoder:
 def features2(tmp_path_factory) -> Path:
     """An uninterrupted 2-rank feature-parallel run; returns its --out folder."""
     out = tmp_path_factory.mktemp("features2") / "run"
-    _run([*ARGS, "--parallel", "features", "--out", str(out)])
+    log = _run([*ARGS, "--parallel", "features", "--out", str(out)])
+    assert "differed between ranks" not in log, log[-3000:]  # b_dec / threshold stayed replicated
     return out
 
 
@@ -282,6 +283,8 @@ def _one_step_worker(result_path: str) -> None:
         for name in ("W_enc", "b_enc", "W_dec"):
             note(f"{tag}/grad_{name}", getattr(fp, name).grad, getattr(ref, name).grad[lo:hi])
         note(f"{tag}/grad_b_dec", fp.b_dec.grad, ref.b_dec.grad)
+        torch.optim.Adam(fp.parameters(), lr=0.1).step()
+        assert dist_.sync_replicated(fp, ctx) == 0.0, "replicated b_dec / threshold differ between ranks"
 
         dp = dist_.DataParallelCrosscoder(copy.deepcopy(base), dataclasses.replace(ctx, mode="data")).train()
         b = x.shape[0] // W
