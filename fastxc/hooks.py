@@ -217,24 +217,20 @@ def special_mask(input_ids: Tensor, attention_mask: Tensor, tokenizer) -> Tensor
 def store_contexts(reader, rows: Sequence[int], max_len: int, prefix: Sequence[int] = ()) -> list[list[int]]:
     """Token ids of the document prefix ending at each store row (row included).
 
-    Rows of one document are contiguous in a store; ``doc`` / ``pos`` side arrays, where the
-    store has them, mark the boundaries (a row continues the previous one when its doc id is the
-    same and its position is one more). Without them the previous ``max_len - 1`` rows are used.
+    Rows of one document are contiguous in a store; ``dataset`` / ``doc`` / ``pos`` side arrays,
+    where the store has them, mark the boundaries (a row continues the previous one when its
+    dataset and doc ids are the same and its position is one more). Without them the previous ``max_len - 1`` rows are used.
     ``prefix`` (e.g. the BOS the harvester dropped) is prepended to each context.
     """
     tokens = reader.tokens
     if tokens is None:
         raise AnalysisError(f"store {reader.path} keeps no token ids; re-harvest with tokens")
-    doc, pos = reader.meta("doc"), reader.meta("pos")
+    cont = same_doc_next(reader)
     out = []
     for r in rows:
         r = int(r)
         lo = r
-        while lo > 0 and r - lo + 1 < max_len:
-            if doc is not None and doc[lo - 1] != doc[r]:
-                break
-            if pos is not None and pos[lo - 1] != pos[lo] - 1:
-                break
+        while lo > 0 and r - lo + 1 < max_len and cont[lo - 1]:
             lo -= 1
         out.append(list(prefix) + tokens[lo : r + 1].astype(np.int64).tolist())
     return out
@@ -245,7 +241,9 @@ def same_doc_next(reader) -> np.ndarray:
     n = len(reader)
     ok = np.ones(n, dtype=bool)
     ok[-1] = False
-    doc, pos = reader.meta("doc"), reader.meta("pos")
+    doc, pos, ds = reader.meta("doc"), reader.meta("pos"), reader.meta("dataset")
+    if ds is not None:  # doc ids count per dataset
+        ok[:-1] &= ds[1:] == ds[:-1]
     if doc is not None:
         ok[:-1] &= doc[1:] == doc[:-1]
     if pos is not None:

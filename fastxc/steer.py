@@ -64,6 +64,35 @@ def diff_means_direction(reader, tokenizer, words: Sequence[str], source: int, n
     return (mean(pos) - mean(others)).float()
 
 
+def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min: float = 0.5,
+                            max_candidates: int = 32, n_positions: int = 64, context: int = 128,
+                            seed: int = 0) -> tuple[int, list[tuple[int, float]]]:
+    """The ``source``-leaning feature whose ablation lowers the marker's logit most in model ``source``.
+
+    Candidates: features active just before the markers whose NRN leans to ``source`` (NRN >
+    nrn_min for source 1, NRN < 1 - nrn_min for source 0), the ``max_candidates`` most frequent.
+    Returns (feature, [(feature, mean logit change)] sorted, most negative first).
+    """
+    from fastxc.ablate import rank_features
+    from fastxc.diff import relative_norms
+    from fastxc.reasoning import category_activity
+
+    cc, reader = inp.crosscoder, inp.reader
+    if reader is None:
+        raise AnalysisError("choosing a feature needs --store")
+    rows = marker_rows(reader, inp.tokenizer(), words, "before")
+    if len(rows) == 0:
+        raise AnalysisError(f"no position before the markers {list(words)} in store {reader.path}")
+    act = category_activity(cc, reader, rows)
+    nrn = relative_norms(cc, 0, 1).nrn
+    lean = nrn > nrn_min if source == 1 else nrn < 1 - nrn_min
+    cand = [int(k) for k in act.active if lean[k]][:max_candidates]
+    if not cand:
+        raise AnalysisError(f"no feature active before {list(words)} leans to source {source}")
+    ranking = rank_features(inp, words, cand, source, n_positions, context, seed)
+    return ranking[0][0], ranking
+
+
 @dataclass
 class Generation:
     prompt: str
@@ -174,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' <think>'")
     p.add_argument("--n-prompts", type=int, default=32)
     p.add_argument("--steer", default="b", choices=("a", "b"), help="which model to steer (source 0 = a, 1 = b)")
-    p.add_argument("--feature", default=None, help="comma-separated crosscoder features to add")
+    p.add_argument("--feature", default=None,
+                   help="comma-separated crosscoder features to add, or 'auto:CATEGORY': the steered model's "
+                        "most marker-predictive leaning feature (by single-feature ablation)")
     p.add_argument("--diff-means", default=None, metavar="CATEGORY",
                    help="steer with the difference-of-means direction of a marker category instead")
     p.add_argument("--direction-from", default="a", choices=("a", "b"), help="model whose activations give --diff-means")
@@ -188,12 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        auto = args.feature.split(":", 1)[1] if args.feature and args.feature.startswith("auto:") else None
         try:
             alphas = [float(v) for v in args.alphas.split(",") if v.strip()]
-            feats = [int(v) for v in args.feature.split(",") if v.strip()] if args.feature else []
+            feats = [int(v) for v in args.feature.split(",") if v.strip()] if args.feature and not auto else []
         except ValueError:
-            raise AnalysisError("--alphas and --feature take comma-separated numbers") from None
-        if bool(feats) == bool(args.diff_means):
+            raise AnalysisError("--alphas and --feature take comma-separated numbers (or --feature auto:CATEGORY)") from None
+        if bool(feats or auto) == bool(args.diff_means):
             raise AnalysisError("give exactly one of --feature or --diff-means")
         inp = inputs_from_args(args)
         cc = inp.crosscoder
@@ -203,6 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         models, tok = inp.models(), inp.tokenizer()
         cats = load_categories(args.categories)
         unit = 1.0
+        if auto:
+            if auto not in cats:
+                raise AnalysisError(f"unknown category {auto!r}; known: {', '.join(cats)}")
+            best, ranking = most_predictive_feature(inp, cats[auto], target, seed=args.seed)
+            print(f"most {auto}-predictive feature of {cc.source_names[target]}: {best} "
+                  f"(ablating it alone changes the marker logit by {ranking[0][1]:+.3f})")
+            feats = [best]
         if feats:
             direction = feature_direction(cc, feats, target)
             desc = f"features {feats} of {cc.source_names[target]}"

@@ -202,6 +202,22 @@ def test_steer_alpha_zero_equals_unsteered(world):
         generate(m, tok, prompts, LAYER, torch.zeros(WIDTH + 1), 1.0)
 
 
+def test_most_predictive_feature_is_the_strongest_ablation(world):
+    from fastxc.ablate import rank_features
+    from fastxc.analysis import open_inputs
+    from fastxc.diff import relative_norms
+    from fastxc.steer import most_predictive_feature
+
+    cc = random_crosscoder([WIDTH, WIDTH], scales=world["reader"].scales)
+    inp = open_inputs(cc, world["store"])
+    best, ranking = most_predictive_feature(inp, ["Wait"], 1, n_positions=8, context=6)
+    nrn = relative_norms(cc).nrn
+    assert best == ranking[0][0] and all(nrn[k] > 0.5 for k, _ in ranking)
+    assert all(ranking[i][1] <= ranking[i + 1][1] for i in range(len(ranking) - 1))
+    again = dict(rank_features(inp, ["Wait"], [k for k, _ in ranking], 1, n_positions=8, context=6))
+    assert abs(again[best] - ranking[0][1]) < 1e-5
+
+
 def test_feature_direction_units(world):
     from fastxc.steer import feature_direction
 
@@ -246,6 +262,10 @@ def test_steer_cli(world, tmp_path, capsys):
     rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
                "--diff-means", "self-reflection", "--alphas", "0,1", "--max-new-tokens", "3", "--out", str(tmp_path / "o2")])
     assert rc == 0, capsys.readouterr().err
+    rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
+               "--feature", "auto:self-reflection", "--alphas", "0,1", "--max-new-tokens", "2", "--out", str(tmp_path / "o3")])
+    assert rc == 0, capsys.readouterr().err
+    assert "most self-reflection-predictive feature of distilled" in capsys.readouterr().out
     bad = identity_crosscoder([8, 8]).save(tmp_path / "bad")
     rc = main(["--crosscoder", str(bad), "--model-a", world["paths"][0], "--model-b", world["paths"][1],
                "--layer", str(LAYER), "--prompts", str(tmp_path / "p.txt"), "--feature", "1", "--alpha-unit", "raw"])
