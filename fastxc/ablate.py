@@ -84,11 +84,11 @@ def ablation_logits(cc: Crosscoder, models: Sequence, tokenizer, layer: int, con
 
 
 def category_feature_sets(freq: torch.Tensor, nrn: torch.Tensor, percents: Sequence[float] = PERCENTS,
-                          nrn_min: float = 0.5) -> dict[str, list[int]]:
-    """(a) features active on the category (freq > 0) with NRN > nrn_min; (b) for each k in
-    ``percents``, the ceil(k% of F) most frequently active features (fewer if fewer are active)."""
+                          nrn_min: float = 0.5, min_freq: float = 0.0) -> dict[str, list[int]]:
+    """(a) features active on the category (freq > min_freq) with NRN > nrn_min; (b) for each k
+    in ``percents``, the ceil(k% of F) most frequently active features (fewer if fewer are active)."""
     F = freq.numel()
-    active = torch.nonzero(freq > 0).flatten()
+    active = torch.nonzero(freq > min_freq).flatten()
     order = active[torch.argsort(freq[active], descending=True, stable=True)]
     sets = {f"nrn>{nrn_min:g}": sorted(int(k) for k in active if nrn[k] > nrn_min)}
     for p in percents:
@@ -116,8 +116,12 @@ def windows(reader, tokenizer, rows: np.ndarray, context: int) -> tuple[list[lis
 def ablate_category(inp: Inputs, category: str, words: Sequence[str] | None = None, n_positions: int = 100,
                     percents: Sequence[float] = PERCENTS, context: int = 128, seed: int = 0,
                     batch_size: int = 16, ord: int = 1, positions: str = "all",
-                    extra_sets: dict[str, Sequence[int]] | None = None) -> dict:
-    """Seed Figure 2 for one category: mean target-logit change per feature set and model."""
+                    extra_sets: dict[str, Sequence[int]] | None = None, min_freq: float = 0.0) -> dict:
+    """Seed Figure 2 for one category: mean target-logit change per feature set and model.
+
+    A feature is active on the category when it fires on more than ``min_freq`` of its positions
+    (the seed study: any firing, min_freq 0).
+    """
     cc, reader = inp.crosscoder, inp.reader
     if reader is None:
         raise AnalysisError("ablation needs --store (marker positions and token windows come from it)")
@@ -132,7 +136,7 @@ def ablate_category(inp: Inputs, category: str, words: Sequence[str] | None = No
         raise AnalysisError(f"no position before the markers {list(words)} in store {reader.path}")
     act = category_activity(cc, reader, all_rows)
     nrn = relative_norms(cc, 0, 1, ord).nrn
-    sets = category_feature_sets(act.freq, nrn, percents)
+    sets = category_feature_sets(act.freq, nrn, percents, min_freq=min_freq)
     if extra_sets:
         sets.update({k: list(v) for k, v in extra_sets.items()})
     rows = sample_positions(reader, tok, words, n_positions, seed)
@@ -140,7 +144,7 @@ def ablate_category(inp: Inputs, category: str, words: Sequence[str] | None = No
     logits = ablation_logits(cc, models, tok, inp.layer, ctx, tgt, sets, batch_size, positions)
     clean = logits["clean"]
     out = {"category": category, "markers": list(words), "n_positions": len(rows), "sources": inp.source_names,
-           "positions": positions, "clean_logit": clean.mean(1).tolist(), "sets": {}}
+           "positions": positions, "min_freq": min_freq, "clean_logit": clean.mean(1).tolist(), "sets": {}}
     for name, feats in sets.items():
         d = logits[name] - clean
         out["sets"][name] = {"n_features": len(feats), "features": list(feats), "delta": d.mean(1).tolist(),
@@ -200,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-positions", type=int, default=100, help="marker positions sampled per category")
     p.add_argument("--percents", default=",".join(f"{v:g}" for v in PERCENTS), help="top-k%% sets")
     p.add_argument("--positions", default="all", choices=("all", "last"), help="ablate at every position or only the predicting one")
+    p.add_argument("--min-freq", type=float, default=0.0,
+                   help="a feature is active on a category when it fires on more than this fraction of its positions")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
@@ -222,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in names:
             try:
                 r = ablate_category(inp, c, cats[c], args.n_positions, percents, args.context, args.seed,
-                                    args.batch_size, positions=args.positions, extra_sets=extra)
+                                    args.batch_size, positions=args.positions, extra_sets=extra,
+                                    min_freq=args.min_freq)
             except AnalysisError as e:
                 if "no position before" in str(e) and len(names) > 1:
                     print(f"{c}: skipped ({e})")

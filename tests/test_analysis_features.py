@@ -165,6 +165,8 @@ def test_category_feature_sets():
     assert sets["nrn>0.5"] == [1, 3]  # feature 0 has NRN 0.9 but never fires
     assert sets["top0.5%"] == [2] and sets["top1%"] == [2, 1]
     assert sets["top2%"] == [2, 1, 4, 3] and sets["top5%"] == [2, 1, 4, 3]
+    strict = category_feature_sets(freq, nrn, percents=(5,), min_freq=0.2)
+    assert strict["nrn>0.5"] == [1] and strict["top5%"] == [2, 1, 4]
 
 
 def test_ablate_cli(world, tmp_path, capsys):
