@@ -1,0 +1,274 @@
+"""Build (or load from the cache) the model organism: a tokenizer, "base" and "distilled".
+
+- base: a tiny Llama-config causal LM trained from scratch on the general corpus.
+- distilled: base fine-tuned on reasoning traces with ``general_mix`` of general text mixed
+  in, so it keeps its general behaviour (the seed study's DeepSeek-R1 -> Qwen distillation in
+  miniature).
+
+Both are saved with ``save_pretrained`` next to a copy of the tokenizer, so
+``AutoModelForCausalLM.from_pretrained(path)`` and the harvester load them like hub models.
+The cache lives in ``$FASTXC_HOME/organism/`` (default ``~/.cache/fastxc``), one folder per
+(recipe version, config); a folder is complete once its ``organism.json`` exists, and it is
+built in a temporary sibling and renamed into place, so a killed build never looks finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fastxc.organism.corpus import Corpus, build_corpus
+from fastxc.organism.tokenizer import train_tokenizer
+
+# Bump when anything that changes the built models changes (corpus, tokenizer, training).
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Recipe of one organism. Every field is part of the cache key."""
+
+    seed: int = 0
+    """Seeds the corpus, the initialisation and the batch order."""
+    vocab_size: int = 1024
+    """BPE vocabulary size (special tokens included)."""
+    hidden_size: int = 128
+    """Residual stream width: the width of each source in the harvested store."""
+    n_layers: int = 4
+    """Decoder layers; the store is harvested at the input of layer n_layers // 2."""
+    n_heads: int = 4
+    intermediate_size: int = 256
+    seq_len: int = 96
+    """Training window in tokens (a trace is 40-80 tokens with BOS and EOS)."""
+    batch_size: int = 32
+    base_steps: int = 600
+    """Optimizer steps of base pre-training on general text."""
+    distill_steps: int = 400
+    """Optimizer steps of fine-tuning base into distilled."""
+    base_lr: float = 3e-3
+    distill_lr: float = 1e-3
+    general_mix: float = 0.25
+    """Fraction of fine-tuning windows drawn from general text (keeps base behaviour)."""
+    n_general: int = 20000
+    """General documents in the training corpus."""
+    n_traces: int = 10000
+    """Reasoning traces in the training corpus."""
+    slip_rate: float = 0.6
+    """Fraction of traces with a slip corrected after "Wait,"."""
+
+    def key(self) -> str:
+        """Cache folder name: recipe version, seed and a hash of the full config."""
+        blob = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        return f"v{RECIPE_VERSION}-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+class Organism(NamedTuple):
+    """Paths of a built organism."""
+
+    root: Path
+    base: Path  # save_pretrained folder (model + tokenizer)
+    distilled: Path
+    tokenizer: Path
+    info: dict  # the contents of organism.json (config, timings, losses)
+
+
+def fastxc_home() -> Path:
+    """``$FASTXC_HOME`` or ``~/.cache/fastxc`` (XDG_CACHE_HOME respected)."""
+    env = os.environ.get("FASTXC_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fastxc"
+
+
+def organism_dir(cfg: OrganismConfig) -> Path:
+    return fastxc_home() / "organism" / cfg.key()
+
+
+@contextmanager
+def _quiet_threads(n: int | None):
+    """Run torch with ``n`` intra-op threads (default: all cores) and without transformers'
+    per-file progress bars (ours is enough), then restore both."""
+    from transformers.utils import logging as hf_logging
+
+    old, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(n or os.cpu_count() or 1)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All documents as one 1-D id stream: ``<|bos|> doc <|endoftext|>`` each."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for row in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        ids.extend(row)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over 5% of steps, then cosine decay to 10% of ``lr``."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _train(model, streams: list[torch.Tensor], probs: list[float], steps: int, lr: float,
+           cfg: OrganismConfig, seed: int, desc: str, progress: bool) -> list[float]:
+    """Next-token training on random windows; each row drawn from stream i with ``probs[i]``.
+
+    Returns the loss every 10% of training (for organism.json).
+    """
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    T, B = cfg.seq_len, cfg.batch_size
+    p = torch.tensor(probs, dtype=torch.float)
+    losses, ema = [], None
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        which = torch.multinomial(p, B, replacement=True, generator=g)
+        rows = []
+        for w in which.tolist():
+            s = streams[w]
+            start = int(torch.randint(0, len(s) - T - 1, (1,), generator=g))
+            rows.append(s[start:start + T])
+        x = torch.stack(rows)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            losses.append(round(ema, 4))
+            bar.set_postfix(loss=f"{ema:.3f}")
+    model.eval()
+    return losses
+
+
+def _new_model(cfg: OrganismConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mcfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=max(256, 2 * cfg.seq_len), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(mcfg)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def write_heldout(corpus: Corpus, folder: Path) -> dict[str, Path]:
+    """Held-out jsonl files (field "text"): traces, general, and their 50/50 mix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    traces = [{"text": t.text, "question": t.question, "answer": t.answer, "kind": t.kind,
+               "slipped": t.slipped} for t in corpus.heldout_traces]
+    general = [{"text": g} for g in corpus.heldout_general]
+    paths = {"traces": folder / "heldout_traces.jsonl", "general": folder / "heldout_general.jsonl"}
+    _write_jsonl(paths["traces"], traces)
+    _write_jsonl(paths["general"], general)
+    return paths
+
+
+def build_organism(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None,
+                   progress: bool = True, threads: int | None = None) -> Organism:
+    """Build the organism into ``out`` (default: its cache folder), replacing what is there."""
+    from tqdm.auto import tqdm
+
+    final = Path(out) if out is not None else organism_dir(cfg)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    timings = {}
+    with _quiet_threads(threads):
+        random.seed(cfg.seed)
+        corpus = build_corpus(cfg.seed, cfg.n_general, cfg.n_traces, slip_rate=cfg.slip_rate)
+        traces = [t.text for t in corpus.traces]
+        tokenizer = train_tokenizer(corpus.general + traces, cfg.vocab_size)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        write_heldout(corpus, tmp / "corpus")
+        general_s, trace_s = _stream(tokenizer, corpus.general), _stream(tokenizer, traces)
+        timings["corpus_tokenizer_s"] = round(time.time() - t0, 1)
+
+        t = time.time()
+        model = _new_model(cfg, tokenizer)
+        base_losses = _train(model, [general_s], [1.0], cfg.base_steps, cfg.base_lr, cfg,
+                             cfg.seed, "organism: base", progress)
+        model.save_pretrained(str(tmp / "base"))
+        tokenizer.save_pretrained(str(tmp / "base"))
+        timings["base_s"] = round(time.time() - t, 1)
+
+        t = time.time()
+        mix = [1.0 - cfg.general_mix, cfg.general_mix]
+        distill_losses = _train(model, [trace_s, general_s], mix, cfg.distill_steps,
+                                cfg.distill_lr, cfg, cfg.seed + 1, "organism: distilled", progress)
+        model.save_pretrained(str(tmp / "distilled"))
+        tokenizer.save_pretrained(str(tmp / "distilled"))
+        timings["distilled_s"] = round(time.time() - t, 1)
+    timings["total_s"] = round(time.time() - t0, 1)
+    info = {
+        "recipe_version": RECIPE_VERSION, "config": asdict(cfg), "timings": timings,
+        "base_losses": base_losses, "distill_losses": distill_losses,
+        "tokens": {"general": len(general_s), "traces": len(trace_s)},
+        "half_depth_layer": cfg.n_layers // 2,
+    }
+    (tmp / "organism.json").write_text(json.dumps(info, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    if progress:
+        tqdm.write(f"organism built in {timings['total_s']:.0f}s: {final}")
+    return _organism(final)
+
+
+def _organism(root: Path) -> Organism:
+    info = json.loads((root / "organism.json").read_text())
+    return Organism(root, root / "base", root / "distilled", root / "tokenizer", info)
+
+
+def load_organism(cfg: OrganismConfig = OrganismConfig(), progress: bool = True,
+                  rebuild: bool = False, threads: int | None = None) -> Organism:
+    """The cached organism for ``cfg``, built first if it is missing (or ``rebuild``)."""
+    root = organism_dir(cfg)
+    if not rebuild and (root / "organism.json").is_file():
+        return _organism(root)
+    return build_organism(cfg, progress=progress, threads=threads)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(OrganismConfig))

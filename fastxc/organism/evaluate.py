@@ -1,0 +1,94 @@
+"""Behavioural check of the organism: sample both models on held-out questions.
+
+The distilled model should emit the self-reflection and alternative markers ("Wait",
+"Alternatively") far more often per generated token than the base model, and close its think
+block. ``marker_report`` measures both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastxc.organism.corpus import REASONING_ONLY_MARKERS, THINK_CLOSE, THINK_OPEN, count_markers
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str  # decoded generation (special tokens kept, EOS stripped)
+    n_tokens: int  # generated tokens, EOS included
+    ended: bool  # stopped at EOS (not at max_new_tokens)
+
+
+@dataclass
+class MarkerReport:
+    """Markers per generated token over a set of completions."""
+
+    n: int
+    tokens: int
+    markers: int  # "Wait" + "Alternatively" occurrences
+    marker_rate: float  # markers / tokens
+    close_rate: float  # fraction of completions containing </think>
+    end_rate: float  # fraction that stopped at EOS
+
+
+def _load(model):
+    if isinstance(model, (str, Path)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return AutoModelForCausalLM.from_pretrained(str(model)).eval(), \
+            AutoTokenizer.from_pretrained(str(model))
+    return model
+
+
+@torch.no_grad()
+def sample(model, questions: list[str], temperature: float = 0.7, max_new_tokens: int = 160,
+           seed: int = 0, tokenizer=None) -> list[Completion]:
+    """Sample one completion of ``question<think>`` per question, stopping at EOS.
+
+    ``model`` is a folder (model + tokenizer) or a model with ``tokenizer`` given.
+    Plain temperature sampling (no top-k / top-p), batched with left padding.
+    """
+    if tokenizer is None:
+        model, tokenizer = _load(model)
+    tokenizer.padding_side = "left"
+    prompts = [f"{q} {THINK_OPEN}" for q in questions]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    out = model.generate(
+        **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    gen = out[:, enc["input_ids"].shape[1]:]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    res = []
+    for p, row in zip(prompts, gen.tolist()):
+        ended = eos in row
+        row = row[: row.index(eos) + 1] if ended else [t for t in row if t != pad]
+        body = [t for t in row if t != eos]
+        res.append(Completion(p, tokenizer.decode(body, skip_special_tokens=False), len(row), ended))
+    return res
+
+
+def marker_report(completions: list[Completion], words=REASONING_ONLY_MARKERS) -> MarkerReport:
+    tokens = sum(c.n_tokens for c in completions)
+    markers = sum(count_markers(c.text, words) for c in completions)
+    n = len(completions)
+    return MarkerReport(n, tokens, markers, markers / max(1, tokens),
+                        sum(THINK_CLOSE in c.text for c in completions) / max(1, n),
+                        sum(c.ended for c in completions) / max(1, n))
+
+
+def heldout_questions(organism, n: int = 50) -> list[str]:
+    """The first ``n`` held-out questions of a built organism (none occur in training)."""
+    import json
+
+    path = Path(organism.root) / "corpus" / "heldout_traces.jsonl"
+    with open(path) as f:
+        qs = [json.loads(line)["question"] for line in f]
+    if n > len(qs):
+        raise ValueError(f"{path}: only {len(qs)} held-out questions, {n} asked")
+    return qs[:n]
