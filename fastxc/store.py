@@ -450,6 +450,27 @@ class _Shard:
     meta_paths: dict[str, Path]
 
 
+def _ensure_fd_limit(n_maps: int, where: Path) -> None:
+    """Each memory map keeps a file descriptor (Python's mmap holds a dup): a 2.5 TB store of
+    400 MB shards maps ~6000 files, above the usual soft limit of 1024. Raise the soft limit
+    towards the hard one when needed."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n_maps + 256  # headroom for everything else the process opens
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            new = soft
+        if new < need:
+            raise StoreError(f"{where}: the store has {n_maps} shard files to map but the open-file limit is "
+                             f"{new} (hard limit {hard}); raise it (ulimit -n) or write larger shards")
+
+
 class StoreReader:
     """Read access to a store (see module docstring). Use ``open_store(path)``."""
 
@@ -495,6 +516,7 @@ class StoreReader:
         self._col_scale = np.repeat(self.scales, self.widths).astype(np.float32)
         self._seg = np.asarray(self.offsets, dtype=np.int64)
         self.validate(checksums=False)
+        _ensure_fd_limit(len(shard_recs) * (2 if self.dtype == "float8_e4m3fn" else 1), mpath)
         self._shards = [self._map_shard(rec) for rec in shard_recs]
         self._starts = np.cumsum([0] + [s.rows for s in self._shards]).astype(np.int64)
         self._tokens_cache: np.ndarray | None = None

@@ -328,3 +328,18 @@ def test_cpp_gather_scales_and_errors():
     with pytest.raises(IndexError):
         _C.gather_shards([src, src], np.array([2], np.int32), np.array([0]), np.empty((1, 5), np.float32),
                          "float32", col)
+
+
+def test_many_shards_raise_open_file_limit(tmp_path):
+    resource = pytest.importorskip("resource")
+    write_store(tmp_path / "s", torch.randn(120, 2, 4), shard_rows=1)  # 120 shard files
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 120 + 256:
+        pytest.skip(f"hard open-file limit {hard} too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+    try:
+        r = open_store(tmp_path / "s")
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 120 + 256
+        assert r.read_rows(np.arange(120)).shape == (120, 2, 4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
