@@ -197,7 +197,7 @@ def test_bad_parallel_value(tmp_path, capsys):
     assert "error: --parallel must be one of none, data, features" in capsys.readouterr().err
 
 
-def test_data_parallel_batch_must_split_evenly(tmp_path, capsys):
+def test_data_parallel_batch_must_split_evenly():
     """Checked before any training; a world of 1 divides everything, so ask for 3 ranks' split."""
     ctx = dist_.DistContext("data", 0, 3, 0, torch.device("cpu"), "gloo", False)
     with pytest.raises(dist_.DistributedError, match="multiple of the 3"):
