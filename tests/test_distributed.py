@@ -1,9 +1,10 @@
 """Distributed training (fastxc.distributed) on CPU with gloo: 2 ranks under torchrun against
 1 process on the same global batches.
 
-Each torchrun launch costs ~10-25 s on the shared 2-core machine (three interpreters import
-torch), so the default run launches one (feature parallel); the data-parallel comparison and the
-kill-and-resume test launch two more each and are marked slow.
+Each torchrun launch costs ~10-35 s on the shared 2-core machine (three interpreters import
+torch), so the default run launches two (50 feature-parallel training steps, and one step of
+every mode and activation checked against the reference); the data-parallel training comparison
+and the kill-and-resume test launch three more and are marked slow.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def test_two_rank_checkpoint_loads_into_one_process(features2, single):
     single = copy.deepcopy(single)  # forward in train mode moves buffers; keep the fixture intact
     full.train(), single.train()  # batchtopk over the batch: no running threshold involved
     r_full, r_single = full(x).recon, single(x).recon
-    assert (r_full - r_single).abs().max().item() <= 20 * TOL
+    assert (r_full - r_single).abs().max().item() <= TOL  # measured 6e-8 (inputs up to 1.7)
 
     # the same checkpoint as a world of 1 under --parallel features: one slice holding everything
     ctx = dist_.setup("features", "cpu")
