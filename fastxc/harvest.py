@@ -89,6 +89,8 @@ def parse_dataset_specs(specs: Sequence[str]) -> list[DatasetSpec]:
         if prop is not None and (not math.isfinite(prop) or prop <= 0):
             raise HarvestError(f"dataset {s!r}: the proportion must be a positive number")
         parsed.append((s, path, prop))
+    if len(parsed) > 255:  # the per-row dataset index is stored as uint8
+        raise HarvestError(f"at most 255 datasets, got {len(parsed)}")
     given = [p for _, _, p in parsed if p is not None]
     if given and len(given) != len(parsed):
         raise HarvestError("give a proportion for every dataset or for none "
