@@ -144,9 +144,9 @@ def from_main(fn: Callable[[], Any], ctx: DistContext | None) -> Any:
 
 
 def shutdown(ctx: DistContext | None) -> None:
-    """Destroy the process group if ``setup`` created it."""
+    """Destroy the process group if ``setup`` created it. No barrier: rank 0 may still be
+    evaluating, and a barrier waiting on it could outlast NCCL's collective timeout."""
     if ctx is not None and ctx.owns_group and dist.is_initialized():
-        barrier(ctx)
         dist.destroy_process_group()
 
 
