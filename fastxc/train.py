@@ -70,7 +70,7 @@ class TrainConfig:
     seed: int = _doc("seed for init and data order", default=0)
     max_bad_batches: int = _doc("stop after this many consecutive batches with NaN/Inf", default=10)
     # runtime and outputs
-    out: str = _doc("output directory", default="runs/fastxc")
+    out: str | None = _doc("output directory (default: a new runs/<date-time>/ folder)", default=None)
     resume: bool = _doc("continue from the checkpoint in --out", default=False)
     overwrite: bool = _doc("replace an existing run in --out instead of refusing", default=False)
     log_every: int = _doc("steps between metric lines", default=100)
@@ -354,6 +354,10 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _prepare_out(cfg: TrainConfig) -> Path:
+    if cfg.out is None:
+        if cfg.resume:
+            raise TrainError("--resume needs --out: the run folder to continue")
+        cfg.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} exists and is not a directory")
@@ -570,7 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        cfg = parse_config(argv)
+        try:
+            cfg = parse_config(argv)
+        except SystemExit as e:  # argparse: --help (0) or a bad flag (2, message already printed)
+            return int(e.code or 0)
         result = train(cfg)
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume", file=sys.stderr)
