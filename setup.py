@@ -13,7 +13,7 @@ openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
 ext_modules = [
     Pybind11Extension(
         "fastxc._C",
-        sources=["csrc/fastxc_C.cpp"],
+        sources=["csrc/fastxc_C.cpp", "csrc/cpu_kernels.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3"] + openmp,
         extra_link_args=openmp,

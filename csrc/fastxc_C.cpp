@@ -337,6 +337,8 @@ int num_threads() {
 
 }  // namespace
 
+void register_cpu_kernels(py::module_& m);  // csrc/cpu_kernels.cpp (fastxc.kernels)
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastxc C++ helpers (OpenMP): the activation store's row gather with dtype conversion.";
   m.def("gather_rows", &gather_rows, py::arg("src"), py::arg("rows"), py::arg("out"), py::arg("dtype"),
@@ -350,4 +352,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("willneed", &willneed, py::arg("srcs"), py::arg("shard_ids"), py::arg("local_rows"),
         "madvise(MADV_WILLNEED) the pages of the given rows (asynchronous read-ahead).");
   m.def("num_threads", &num_threads, "OpenMP threads the gather uses.");
+  register_cpu_kernels(m);
 }

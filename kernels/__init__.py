@@ -13,6 +13,7 @@ the plain-torch reference of each op.
     out.loss.backward()
 """
 from ._dispatch import BackendError
+from ._pool import empty_cache
 from .batchtopk import batchtopk_encode, update_threshold
 from .loss import (crosscoder_loss, decoder_norm_penalty, decoder_norms,
                    dense_decoder_norm_penalty, source_mse)
@@ -22,6 +23,6 @@ from .topk_encode import relu_encode, topk_encode
 
 __all__ = [
     "BackendError", "LossOutput", "batchtopk_encode", "crosscoder_loss", "decoder_norm_penalty",
-    "decoder_norms", "dense_decoder_norm_penalty", "relu_encode", "source_mse", "sparse_decode",
+    "decoder_norms", "dense_decoder_norm_penalty", "empty_cache", "relu_encode", "source_mse", "sparse_decode",
     "topk_encode", "update_threshold",
 ]

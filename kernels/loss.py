@@ -14,13 +14,14 @@ Backward: with G = dL/drecon (the residual times a per-source factor),
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _dispatch
+from . import _cext, _dispatch
 from .reference import (LossOutput, crosscoder_loss_ref, decoder_norm_penalty_ref,
                         dense_decoder_norm_penalty_ref, offsets_of, source_mse_ref)
 from .sparse_decode import (BLOCK_D, check_code, csr_by_feature, gather_dot, gather_sum,
@@ -81,9 +82,43 @@ def _source_stats(recon, x, widths, backend):
     return err, var
 
 
+def _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend):
+    """CPU + C++: decode, residual and per-source sums in one pass.
+
+    -> (recon, resid [B, D] fp32, err [S], var [S]) or None when the C++ kernel does not apply.
+    """
+    if backend != "cpu" or idx.dtype != torch.int64:
+        return None
+    C = _cext.usable(vals, W_dec, x, *((b_dec,) if b_dec is not None else ()))
+    if C is None:
+        return None
+    B, D = x.shape
+    S = len(widths)
+    recon = torch.empty(B, D)
+    resid = torch.empty(B, D)
+    stats = torch.empty(S, dtype=torch.float64)
+    colsum = torch.empty(2, D, dtype=torch.float64)
+    e0 = torch.empty(0)
+    C.decode_loss_fwd(_cext.np(idx), _cext.np(vals), _cext.np(W_dec),
+                      _cext.np(b_dec if b_dec is not None else e0), _cext.np(x),
+                      _cext.np(_col_src(widths, x.device)), _cext.np(recon), _cext.np(resid),
+                      _cext.np(stats), _cext.np(colsum))
+    o = offsets_of(widths)
+    colvar = (colsum[1] - colsum[0].pow(2) / max(B, 1)).clamp_min_(0)
+    var = torch.stack([colvar[o[i]:o[i + 1]].sum() for i in range(S)])
+    return recon, resid, stats.float(), var.float()
+
+
+@functools.lru_cache(maxsize=64)
 def _col_src(widths, device):
+    """[D] int32 source of each column (cached: shared, never written)."""
     return torch.repeat_interleave(torch.arange(len(widths), dtype=torch.int32, device=device),
                                    torch.tensor(list(widths), device=device))
+
+
+@functools.lru_cache(maxsize=64)
+def _col_src_long(widths, device):
+    return _col_src(widths, device).long()
 
 
 def decoder_norms(W_dec, widths) -> torch.Tensor:
@@ -123,8 +158,14 @@ class _CrosscoderLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, idx, W_dec, b_dec, x, widths, coef, want_pen, backend):
         B = x.shape[0]
-        recon = gather_sum(idx, vals, W_dec, b_dec, backend)
-        err, var = _source_stats(recon, x, widths, backend)
+        ctx.set_materialize_grads(False)  # unused outputs (recon, fvu) cost nothing backward
+        resid = _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend)
+        if resid is not None:
+            recon, resid, err, var = resid
+        else:
+            recon = gather_sum(idx, vals, W_dec, b_dec, backend)
+            err, var = _source_stats(recon, x, widths, backend)
+            resid = recon.float() - x.float()
         mse = err / B
         fvu = err / var
         norms = None
@@ -135,15 +176,15 @@ class _CrosscoderLossFn(torch.autograd.Function):
             pen = torch.zeros((), dtype=torch.float32, device=x.device)
         loss = mse.sum() + coef * pen / B
         ctx.widths, ctx.coef, ctx.backend, ctx.has_bias = widths, coef, backend, b_dec is not None
-        ctx.save_for_backward(vals, idx, W_dec, x, recon, var, norms)
+        ctx.save_for_backward(vals, idx, W_dec, resid, var, norms)
         return loss, recon, mse, fvu, pen
 
     @staticmethod
     def backward(ctx, gloss, grecon, gmse, gfvu, gpen):
-        vals, idx, W, x, recon, var, norms = ctx.saved_tensors
+        vals, idx, W, resid, var, norms = ctx.saved_tensors
         bk, widths = ctx.backend, ctx.widths
-        B = x.shape[0]
-        dev = x.device
+        B = resid.shape[0]
+        dev = resid.device
         S = len(widths)
         zero_s = torch.zeros(S, dtype=torch.float32, device=dev)
         gl = gloss.float() if gloss is not None else torch.zeros((), device=dev)
@@ -152,19 +193,13 @@ class _CrosscoderLossFn(torch.autograd.Function):
         # fvu's factor only where it is used (var = 0 for B = 1 would give 0/0)
         fvu_fac = torch.where(gf != 0, gf / var, zero_s)
         fac = 2.0 * ((gl + gm) / B + fvu_fac)  # [S]
-        colfac = torch.repeat_interleave(fac, torch.tensor(list(widths), device=dev))
-        G = (recon.float() - x.float()) * colfac
+        G = resid * fac[_col_src_long(widths, dev)]
         if grecon is not None:
             G += grecon.float()
         gp = None
         if norms is not None:
             gp = gl * ctx.coef / B + (gpen.float() if gpen is not None else 0.0)
         dvals = dW = db = None
-        if ctx.needs_input_grad[0]:
-            dvals = gather_dot(idx, G, W, bk)
-            if gp is not None:
-                dvals += gp * norms.sum(1)[idx]
-            dvals = dvals.to(vals.dtype)
         if ctx.needs_input_grad[2]:
             crow, order = csr_by_feature(idx, W.shape[0])
             pen = None
@@ -172,7 +207,16 @@ class _CrosscoderLossFn(torch.autograd.Function):
                 c = torch.zeros(W.shape[0], dtype=torch.float32, device=dev)
                 c.index_add_(0, idx.reshape(-1), vals.reshape(-1).float())
                 pen = (c * gp, W, _inv(norms), _col_src(widths, dev))
-            dW = scatter_rows(idx, crow, order, vals, G, W.shape[0], bk, W.dtype, pen)
+            dW = scatter_rows(idx, crow, order, vals, G, W.shape[0], bk, W.dtype, pen,
+                              dot_table=W if ctx.needs_input_grad[0] else None)
+            if ctx.needs_input_grad[0]:
+                dW, dvals = dW
+        elif ctx.needs_input_grad[0]:
+            dvals = gather_dot(idx, G, W, bk)
+        if dvals is not None:
+            if gp is not None:
+                dvals += gp * norms.sum(1)[idx]
+            dvals = dvals.to(vals.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = G.sum(0).to(W.dtype)
         return dvals, None, dW, db, None, None, None, None, None
@@ -226,7 +270,7 @@ class _SourceMseFn(torch.autograd.Function):
         gm = gmse.float() if gmse is not None else zero_s
         gf = gfvu.float() if gfvu is not None else zero_s
         fac = 2.0 * (gm / B + torch.where(gf != 0, gf / var, zero_s))
-        colfac = torch.repeat_interleave(fac, torch.tensor(list(ctx.widths), device=x.device))
+        colfac = fac[_col_src_long(ctx.widths, x.device)]
         return ((recon.float() - x.float()) * colfac).to(recon.dtype), None, None, None
 
 

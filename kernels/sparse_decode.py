@@ -20,7 +20,7 @@ import torch.nn.functional as Fn
 import triton
 import triton.language as tl
 
-from . import _dispatch
+from . import _cext, _dispatch, _pool
 from .reference import sparse_decode_ref
 
 # Block sizes: one program covers BLOCK_D columns of one row; 128 fp32 columns = 512 B per
@@ -148,6 +148,12 @@ def csr_by_feature(idx: torch.Tensor, n_features: int):
     Entry e = b * k + j, so its token is order // k.
     """
     flat = idx.reshape(-1)
+    C = _cext.usable(flat)
+    if C is not None and flat.dtype == torch.int64:
+        crow = torch.empty(n_features + 1, dtype=torch.int64)
+        order = torch.empty(flat.numel(), dtype=torch.int64)
+        C.csr_by_feature(_cext.np(flat), n_features, _cext.np(crow), _cext.np(order))
+        return crow, order
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n_features)
     crow = torch.zeros(n_features + 1, dtype=torch.int64, device=idx.device)
@@ -188,6 +194,10 @@ def gather_dot(idx, g, table, backend: str):
                                  BLOCK_KK=BLOCK_K, BLOCK=BLOCK_D)
         return out
     out = torch.empty(B, k, dtype=torch.float32, device=table.device)
+    C = _cext.usable(idx, g, table)
+    if C is not None and idx.dtype == torch.int64:
+        C.gather_dot(_cext.np(idx), _cext.np(g), _cext.np(table), _cext.np(out))
+        return out
     rows = max(1, _CPU_DOT_CHUNK_BYTES // max(1, k * D * table.element_size()))
     gd = g.to(table.dtype)
     for s in range(0, B, rows):
@@ -197,21 +207,27 @@ def gather_dot(idx, g, table, backend: str):
     return out
 
 
-def scatter_rows(idx, crow, order, w, x, n_rows: int, backend: str, out_dtype, pen=None):
+def scatter_rows(idx, crow, order, w, x, n_rows: int, backend: str, out_dtype, pen=None,
+                 dot_table=None):
     """out[f] = sum_{e in CSR row f} w_flat[e] * x[e // k]  (+ penalty term), every row once.
 
     crow/order from ``csr_by_feature``; w [B, k]; x [B, D]; -> [n_rows, D] in ``out_dtype``.
     pen: None or (c [F] float32, W_dec [F, D], inv_norm [F, S] float32, col_src [D] int32);
     adds c[f] * W_dec[f, d] * inv_norm[f, src(d)].
+    dot_table: None or [F, D]; then also returns dots [B, k] float32 with
+    dots[b, j] = <x[b], dot_table[idx[b, j]]> (the decoder's dvals, computed in the same pass
+    over each active row by the C++ kernel) -> (out, dots).
     """
     D = x.shape[1]
     k = max(1, idx.shape[1]) if idx.dim() == 2 else 1
-    tok = order // k
-    wgt = w.reshape(-1)[order]
+    dots = gather_dot(idx, x, dot_table, backend) if dot_table is not None and (
+        backend == "triton" or _cext.get() is None) else None
     if backend == "triton":
         out = torch.empty(n_rows, D, dtype=out_dtype, device=x.device)
         if n_rows == 0:
-            return out
+            return out if dot_table is None else (out, dots)
+        tok = order // k
+        wgt = w.reshape(-1)[order]
         if pen is None:
             dummy = torch.empty(1, dtype=torch.float32, device=x.device)
             pen_args = (dummy, x, dummy, torch.zeros(1, dtype=torch.int32, device=x.device), 1)
@@ -224,9 +240,24 @@ def scatter_rows(idx, crow, order, w, x, n_rows: int, backend: str, out_dtype, p
                                    out, pen_args[0], pen_args[1], pen_args[2], pen_args[3],
                                    n_rows, D, pen_args[4], PEN=pen is not None, BLOCK_FF=BLOCK_F,
                                    BLOCK_EE=BLOCK_E, BLOCK=BLOCK_D)
-        return out
+        return out if dot_table is None else (out, dots)
+    C = _cext.usable(idx, x, w, *(pen if pen is not None else ()),
+                     *((dot_table,) if dot_table is not None else ()))
+    if C is not None and out_dtype == torch.float32 and idx.dtype == torch.int64:
+        out = _pool.empty((n_rows, D), torch.float32)
+        e0 = torch.empty(0, dtype=torch.float32)
+        dots = torch.empty(idx.shape, dtype=torch.float32) if dot_table is not None else e0
+        wdec = pen[1] if pen is not None else dot_table
+        C.scatter_rows(_cext.np(crow), _cext.np(order), k, _cext.np(w.reshape(-1)), _cext.np(x),
+                       _cext.np(out), _cext.np(wdec) if wdec is not None else _cext.np(e0.view(0, 0)),
+                       _cext.np(dots.view(-1)), _cext.np(pen[0]) if pen is not None else _cext.np(e0),
+                       _cext.np(pen[2]) if pen is not None else _cext.np(e0.view(0, 0)),
+                       _cext.np(pen[3]) if pen is not None else _cext.np(torch.empty(0, dtype=torch.int32)))
+        return (out, dots) if dot_table is not None else out
     # CPU: embedding_bag with one bag per feature (offsets = crow) writes each row once;
     # empty bags come out as zero rows.
+    tok = order // k
+    wgt = w.reshape(-1)[order]
     xt = x if x.dtype == out_dtype else x.to(out_dtype)
     out = Fn.embedding_bag(tok, xt, crow, mode="sum", per_sample_weights=wgt.to(out_dtype),
                            include_last_offset=True)
@@ -236,6 +267,8 @@ def scatter_rows(idx, crow, order, w, x, n_rows: int, backend: str, out_dtype, p
         if rows.numel():
             scale = (c[rows, None] * inv[rows])[:, colsrc.long()]  # [R, D]
             out.index_add_(0, rows, (scale * wdec[rows].float()).to(out_dtype))
+    if dot_table is not None:
+        return out, (dots if dots is not None else gather_dot(idx, x, dot_table, backend))
     return out
 
 
@@ -253,12 +286,16 @@ class _SparseDecodeFn(torch.autograd.Function):
         vals, idx, W_dec = ctx.saved_tensors
         bk = ctx.backend
         dvals = dW = db = None
-        if ctx.needs_input_grad[0]:
-            dvals = gather_dot(idx, g, W_dec, bk).to(vals.dtype)
+        g = g.contiguous()
         if ctx.needs_input_grad[2]:
             crow, order = csr_by_feature(idx, W_dec.shape[0])
-            dW = scatter_rows(idx, crow, order, vals, g, W_dec.shape[0], bk,
-                              W_dec.dtype)
+            dW = scatter_rows(idx, crow, order, vals, g, W_dec.shape[0], bk, W_dec.dtype,
+                              dot_table=W_dec if ctx.needs_input_grad[0] else None)
+            if ctx.needs_input_grad[0]:
+                dW, dvals = dW
+                dvals = dvals.to(vals.dtype)
+        elif ctx.needs_input_grad[0]:
+            dvals = gather_dot(idx, g, W_dec, bk).to(vals.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = g.sum(0, dtype=torch.float32).to(W_dec.dtype)
         return dvals, None, dW, db, None
