@@ -3,6 +3,7 @@
 Rule (evaluated on every call, never at import):
   * ``FASTXC_BACKEND=reference|triton|cpu`` forces one;
   * otherwise CUDA tensors take ``triton`` and CPU tensors take ``cpu``;
+  * float64 tensors always take ``reference`` (the kernels compute in fp32);
   * ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (how the tests check the kernels
     on machines without a GPU); without it the ``cpu`` path is taken and a warning says so once.
 """
@@ -48,8 +49,12 @@ def choose(*tensors: torch.Tensor, backend: str | None = None) -> str:
     want = backend or os.environ.get("FASTXC_BACKEND", "").strip().lower() or None
     if want is not None and want not in BACKENDS:
         raise BackendError(f"FASTXC_BACKEND={want!r}: expected one of {', '.join(BACKENDS)}")
-    dev = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    dev = first.device if first is not None else torch.device("cpu")
     if want == "reference":
+        return "reference"
+    if first is not None and first.dtype == torch.float64:
+        # the kernels accumulate in fp32; float64 (gradcheck, exact references) stays exact
         return "reference"
     if dev.type == "cuda":
         if want == "cpu":
