@@ -6,6 +6,7 @@ import json
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +176,35 @@ def test_sample_stops_at_eos_and_counts_tokens(tmp_path, monkeypatch):
     assert r.tokens == sum(c.n_tokens for c in comps) and 0 <= r.close_rate <= 1
     with pytest.raises(ValueError, match="held-out"):
         heldout_questions(org, 10**6)
+
+
+def test_default_store_harvests_both_models_and_is_cached(tmp_path, monkeypatch):
+    from fastxc.organism import default
+    from fastxc.organism.check import pre_token_rows, wait_token_id
+    from fastxc.store import open_store
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("FASTXC_HOME", str(tmp_path))
+    cfg = OrganismConfig(seed=1, **TINY)
+    path = default.default_store(config=cfg, tokens=3000, progress=False)
+    r = open_store(path)
+    assert len(r) == 3000 and r.widths == [32, 32] and list(r.source_names) == ["base", "distilled"]
+    tok = AutoTokenizer.from_pretrained(str(load_organism(cfg, progress=False).tokenizer))
+    assert tok.bos_token_id not in set(r.tokens.tolist())  # BOS positions are not stored
+    # 50/50 token mix of traces (dataset 0) and general text (dataset 1)
+    assert abs((r.meta("dataset") == 0).mean() - 0.5) < 0.05
+    rows = pre_token_rows(r, wait_token_id(tok))
+    assert len(rows) > 5 and (r.tokens[rows + 1] == wait_token_id(tok)).all()
+    assert (tok.convert_ids_to_tokens(r.tokens[rows].tolist()) == np.array(["."])).all()
+    # the second call returns the cached store without harvesting
+    import fastxc.harvest
+
+    monkeypatch.setattr(fastxc.harvest, "harvest", lambda *a, **k: pytest.fail("harvested again"))
+    assert default.default_store(config=cfg, tokens=3000, progress=False) == path
+
+
+def test_nrn_mode_bins():
+    from fastxc.organism.check import nrn_mode
+
+    assert nrn_mode(torch.tensor([0.52, 0.53, 0.51, 0.9, 0.1])) == pytest.approx(0.525)
+    assert nrn_mode(torch.tensor([0.97, 0.99, 0.5])) == pytest.approx(0.975)

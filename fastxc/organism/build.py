@@ -32,7 +32,7 @@ from fastxc.organism.corpus import Corpus, build_corpus
 from fastxc.organism.tokenizer import train_tokenizer
 
 # Bump when anything that changes the built models changes (corpus, tokenizer, training).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)

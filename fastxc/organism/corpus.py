@@ -117,7 +117,12 @@ class Corpus:
         return [t.question for t in self.heldout_traces]
 
 
-def _off(rng: random.Random, value: int, deltas=(1, 2, -1, -2)) -> int:
+# Slips are 3-6 off: a gross error a small model can notice from the content (off-by-one
+# results sit next to the right one in a tiny model's number embedding and go unnoticed).
+SLIP_DELTAS = (3, 4, 5, 6, -3, -4, -5, -6)
+
+
+def _off(rng: random.Random, value: int, deltas=SLIP_DELTAS) -> int:
     """A wrong value close to ``value`` (never negative, never equal)."""
     while True:
         w = value + rng.choice(deltas)
@@ -125,7 +130,7 @@ def _off(rng: random.Random, value: int, deltas=(1, 2, -1, -2)) -> int:
             return w
 
 
-def _arith_step(rng: random.Random, a: int, op: str, b: int, deltas=(1, 2, -1, -2)) -> Step:
+def _arith_step(rng: random.Random, a: int, op: str, b: int, deltas=SLIP_DELTAS) -> Step:
     c = a + b if op == "plus" else a - b
     w = _off(rng, c, deltas)
     return Step(f"{a} {op} {b} is {c}.", f"{a} {op} {b} is {w}.", f"{a} {op} {b} is {c}, not {w}.")
@@ -144,7 +149,7 @@ def _addition(rng: random.Random) -> Problem:
     else:
         a, b = rng.randint(11, 89), rng.randint(11, 89)
         ta, ua, tb, ub = a // 10 * 10, a % 10, b // 10 * 10, b % 10
-        steps = [_arith_step(rng, ta, "plus", tb, deltas=(10, -10)),
+        steps = [_arith_step(rng, ta, "plus", tb, deltas=(10, 20, -10, -20)),
                  _arith_step(rng, ua, "plus", ub),
                  Step(f"{ta + tb} plus {ua + ub} is {a + b}.")]
         c = a + b
@@ -158,7 +163,7 @@ def _subtraction(rng: random.Random) -> Problem:
     b = rng.randint(11, a - 5)
     tb, ub = b // 10 * 10, b % 10
     mid = a - tb
-    steps = [_arith_step(rng, a, "minus", tb, deltas=(10, -10)),
+    steps = [_arith_step(rng, a, "minus", tb, deltas=(10, 20, -10, -20)),
              Step(f"{mid} minus {ub} is {mid - ub}.")]
     c = a - b
     return Problem("arithmetic", f"What is {a} minus {b}?", steps,

@@ -92,3 +92,30 @@ def heldout_questions(organism, n: int = 50) -> list[str]:
     if n > len(qs):
         raise ValueError(f"{path}: only {len(qs)} held-out questions, {n} asked")
     return qs[:n]
+
+
+@torch.no_grad()
+def wait_detection(model, texts: list[str], tokenizer=None, batch_size: int = 64) -> tuple[float, float]:
+    """Teacher-forced P(" Wait") at sentence ends inside the think block of ``texts``.
+
+    Returns (mean probability at the ends of slipped sentences, i.e. right before "Wait";
+    mean probability at the ends of the other sentences). A model that predicts "Wait" from
+    the content of the sentence gives a high first and a low second number.
+    """
+    if tokenizer is None:
+        model, tokenizer = _load(model)
+    wait = tokenizer(". Wait,", add_special_tokens=False)["input_ids"][1]
+    dot = tokenizer(". Wait,", add_special_tokens=False)["input_ids"][0]
+    open_id, close_id = tokenizer.convert_tokens_to_ids([THINK_OPEN, THINK_CLOSE])
+    tokenizer.padding_side = "right"
+    hit, miss = [], []
+    for s in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True)
+        p = model(**enc).logits.float().softmax(-1)[..., wait]  # [b, T]
+        for ids, pr in zip(enc["input_ids"].tolist(), p.tolist()):
+            if open_id not in ids or close_id not in ids:
+                continue
+            for i in range(ids.index(open_id), ids.index(close_id)):
+                if ids[i] == dot:
+                    (hit if ids[i + 1] == wait else miss).append(pr[i])
+    return sum(hit) / max(1, len(hit)), sum(miss) / max(1, len(miss))

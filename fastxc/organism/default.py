@@ -1,0 +1,66 @@
+"""The embedded default's activation store: both organism models harvested at half depth.
+
+``default_store(seed)`` builds or loads the organism for ``seed``, writes a fresh held-out
+corpus (a 50/50 token mix of reasoning traces and general text, as in the seed study's
+OpenThoughts + RedPajama mix) and harvests the residual stream entering layer
+``n_layers // 2`` of base (source 0) and distilled (source 1). The store is cached beside the
+organism under ``$FASTXC_HOME/stores/``, keyed by the organism's key and ``STORE_VERSION``;
+a second call returns it at once.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from fastxc.organism.build import OrganismConfig, fastxc_home, load_organism
+from fastxc.organism.corpus import general_text, reasoning_trace
+
+# Bump when the store corpus or the harvest settings below change.
+STORE_VERSION = 1
+DEFAULT_TOKENS = 200_000
+CONTEXT_LENGTH = 128  # longer than any organism document, so each is one sequence
+
+
+def store_dir(cfg: OrganismConfig, tokens: int = DEFAULT_TOKENS) -> Path:
+    return fastxc_home() / "stores" / f"organism-{cfg.key()}-s{STORE_VERSION}-t{tokens}"
+
+
+def write_store_corpus(folder: Path, seed: int, tokens: int, slip_rate: float) -> list[str]:
+    """Fresh traces and general documents for harvesting; returns harvest dataset specs.
+
+    Drawn from their own RNG stream (not the training corpus), with enough of each kind for
+    ``tokens`` at a 50/50 mix (traces average ~50 tokens, general documents ~18).
+    """
+    rng = random.Random(f"store-{seed}")
+    folder.mkdir(parents=True, exist_ok=True)
+    n_traces, n_general = tokens // 2 // 35 + 100, tokens // 2 // 12 + 100
+    paths = {"traces": folder / "store_traces.jsonl", "general": folder / "store_general.jsonl"}
+    with open(paths["traces"], "w") as f:
+        for _ in range(n_traces):
+            t = reasoning_trace(rng, slip_rate)
+            f.write(json.dumps({"text": t.text, "slipped": t.slipped, "kind": t.kind}) + "\n")
+    with open(paths["general"], "w") as f:
+        for _ in range(n_general):
+            f.write(json.dumps({"text": general_text(rng)}) + "\n")
+    return [f"{paths['traces']}:0.5", f"{paths['general']}:0.5"]
+
+
+def default_store(seed: int = 0, progress: bool = True, tokens: int = DEFAULT_TOKENS,
+                  config: OrganismConfig | None = None) -> Path:
+    """Path of the embedded default's store (sources "base", "distilled"), built if missing."""
+    from fastxc.harvest import harvest
+    from fastxc.store import MANIFEST
+
+    cfg = config if config is not None else OrganismConfig(seed=seed)
+    root = store_dir(cfg, tokens)
+    store = root / "store"
+    if (store / MANIFEST).is_file():
+        return store
+    org = load_organism(cfg, progress=progress)
+    specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate)
+    # The corpus is rewritten identically (seeded), so an interrupted harvest resumes.
+    harvest([str(org.base), str(org.distilled)], store, specs, tokens,
+            context_length=CONTEXT_LENGTH, batch_size=64, seed=cfg.seed, progress=progress,
+            source_names=["base", "distilled"])
+    return store
