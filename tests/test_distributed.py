@@ -24,7 +24,7 @@ import torch
 from fastxc import distributed as dist_
 from fastxc.crosscoder import Crosscoder
 from fastxc.synthetic import PlantedSource
-from fastxc.train import main as train_main, parse_config, train
+from fastxc.train import find_checkpoint, main as train_main, parse_config, train
 
 # batchtopk with AuxK exercises every collective: the global k*B threshold, the running
 # threshold, the dead-feature counters (dead_tokens = 4 batches) and the AuxK top-k and reduce.
@@ -109,7 +109,8 @@ def test_two_rank_checkpoint_loads_into_one_process(features2, single):
         assert torch.equal(fp.W_dec, full.W_dec) and torch.equal(fp.b_dec, full.b_dec)
         assert opt.state_dict()["state"][0]["exp_avg"].shape == full.W_enc.shape
         fp.train()
-        assert torch.equal(fp(x).recon, full(x).recon)
+        # Crosscoder.forward runs the fused kernels' CPU path; the slice runs the plain-torch one
+        assert (fp(x).recon - full(x).recon).abs().max().item() <= TOL
     finally:
         dist_.shutdown(ctx)
 
@@ -165,7 +166,8 @@ def _kill_after_checkpoint(args: list[str], out: Path, at_step: int) -> int:
             p.kill()
     assert workers and step >= at_step, f"run ended (rc {p.returncode}) before a checkpoint at step {at_step}"
     assert not (out / "summary.json").exists(), "the run finished before it was killed"
-    return json.loads(state.read_text())["step"]
+    ckpt = find_checkpoint(out)  # checkpoint/, or checkpoint.old/ if killed between the two renames
+    return json.loads((ckpt / "state.json").read_text())["step"]
 
 
 @pytest.mark.slow
@@ -349,6 +351,9 @@ def test_one_step_every_mode_matches_reference(tmp_path):
     result = tmp_path / "worst.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    # the reference is Crosscoder's plain-torch path (the fused kernels are tested against it in
+    # test_kernels); the distributed modules are plain torch too
+    env["FASTXC_BACKEND"] = "reference"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
                         "--one-step-worker", str(result)], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
