@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
+from fastxc import kernels as K
+from fastxc.kernels import _dispatch
+
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 CONFIG_VERSION = 1
 
@@ -122,6 +125,11 @@ class Crosscoder(nn.Module):
         self.dead_tokens = int(dead_tokens)
         self.threshold_momentum = float(threshold_momentum)
         self.source_names = list(source_names) if source_names is not None else [f"source{i}" for i in range(len(widths))]
+
+        # fastxc.kernels backend for the training forward: None = per call from the device and
+        # FASTXC_BACKEND; "reference" = the plain-torch path below (what the kernels are tested
+        # against). Not part of config(): it is a runtime choice, not a model property.
+        self.backend: str | None = None
 
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(n_features, self.d_total, **factory))
@@ -236,8 +244,14 @@ class Crosscoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, l1_coef: float | None = None) -> CrosscoderOutput:
-        """x [B, D] or [B, n, d] -> CrosscoderOutput (recon in the input's shape)."""
+        """x [B, D] or [B, n, d] -> CrosscoderOutput (recon in the input's shape).
+
+        Runs the fused sparse ops of ``fastxc.kernels`` unless the backend (``self.backend``
+        or ``FASTXC_BACKEND``) is ``"reference"``, which takes the plain-torch path.
+        """
         x2 = self.flatten_input(x)
+        if _dispatch.choose(x2, backend=self.backend) != "reference":
+            return self._forward_fast(x, x2, l1_coef)
         pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
         f = self.activate(pre)
         recon2 = self.decode(f)
@@ -269,6 +283,73 @@ class Crosscoder(nn.Module):
             l0 = active.sum(dim=1).float().mean()
         recon = recon2.view_as(x) if x.dim() == 3 else recon2
         return CrosscoderOutput(recon, f, loss, mse, fvu, sparsity, aux, l0)
+
+    def _forward_fast(self, x: Tensor, x2: Tensor, l1_coef: float | None) -> CrosscoderOutput:
+        """The same outputs and gradients as the reference path, through sparse fused ops:
+        the code stays (vals, idx) [B, m]; no dense [B, F] tensor takes part in backward."""
+        bk = self.backend
+        if self.activation == "topk":
+            vals, idx = K.topk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
+        elif self.activation == "relu":
+            vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, backend=bk)
+        elif self.training:  # batchtopk
+            vals, idx = K.batchtopk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
+            with torch.no_grad():
+                positive = vals[vals > 0]
+                if positive.numel():
+                    batch_thr = positive.min().float()
+                    if self.threshold.item() < 0:
+                        self.threshold.copy_(batch_thr)
+                    else:
+                        self.threshold.lerp_(batch_thr, self.threshold_momentum)
+        else:
+            thr = self.threshold.item()
+            if thr < 0:
+                raise RuntimeError("batchtopk crosscoder has no running threshold yet: train it (or call .train()) first")
+            vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, threshold=thr, backend=bk)
+
+        coef = (self.l1_coef if l1_coef is None else float(l1_coef)) if self.activation == "relu" else 0.0
+        out = K.crosscoder_loss(vals, idx, self.W_dec, self.b_dec, x2, self.widths, coef, backend=bk)
+        loss, recon2 = out.loss, out.recon
+        zero = loss.new_zeros(())
+        sparsity = coef * out.penalty / x2.shape[0] if self.activation == "relu" else zero
+
+        active = vals > 0
+        if self.training:
+            with torch.no_grad():
+                fired = torch.zeros(self.n_features, dtype=torch.bool, device=x2.device)
+                fired[idx[active]] = True
+                self.tokens_since_fired.add_(x2.shape[0])
+                self.tokens_since_fired.masked_fill_(fired, 0)
+        aux = zero
+        if self.aux_k > 0 and self.activation in ("topk", "batchtopk") and self.training:
+            aux = self._aux_loss_sparse(x2, recon2 - x2)
+            loss = loss + self.aux_coef * aux
+
+        # the dense code for callers that inspect it; differentiable (scatter), never used by
+        # the loss's backward
+        f = torch.zeros(x2.shape[0], self.n_features, dtype=vals.dtype, device=x2.device).scatter(1, idx, vals)
+        with torch.no_grad():
+            fvu = self.fvu(x2, recon2)
+            l0 = active.sum(dim=1).float().mean()
+        recon = recon2.view_as(x) if x.dim() == 3 else recon2
+        return CrosscoderOutput(recon, f, loss, out.mse, fvu, sparsity, aux, l0)
+
+    def _aux_loss_sparse(self, x2: Tensor, err: Tensor) -> Tensor:
+        """``aux_loss`` without the dense pre-activation: only the dead features' columns of the
+        encoder GEMM are computed ([B, n_dead]) and their code is decoded sparsely."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return x2.new_zeros(())
+        k_aux = min(self.aux_k, n_dead)
+        dead_idx = dead.nonzero().squeeze(1)
+        pre_d = torch.addmm(self.b_enc[dead_idx], x2, self.W_enc[dead_idx].t())
+        vals, j = pre_d.topk(k_aux, dim=-1, sorted=False)
+        e_hat = K.sparse_decode(F_.relu(vals), dead_idx[j], self.W_dec, backend=self.backend)
+        target = -err.detach()  # x - recon
+        denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+        return (e_hat - target).pow(2).sum(dim=1).mean() / denom
 
     def dead_mask(self) -> Tensor:
         """[F] bool: features that have not fired in the last ``dead_tokens`` training tokens."""
