@@ -326,9 +326,10 @@ class Crosscoder(nn.Module):
             aux = self._aux_loss_sparse(x2, recon2 - x2)
             loss = loss + self.aux_coef * aux
 
-        # the dense code for callers that inspect it; differentiable (scatter), never used by
-        # the loss's backward
-        f = torch.zeros(x2.shape[0], self.n_features, dtype=vals.dtype, device=x2.device).scatter(1, idx, vals)
+        # the dense code for callers that inspect it; differentiable, never used by the loss's
+        # backward. scatter_add, not scatter: relu pads rows with (id 0, value 0) entries, which
+        # must not overwrite a real value of feature 0.
+        f = torch.zeros(x2.shape[0], self.n_features, dtype=vals.dtype, device=x2.device).scatter_add(1, idx, vals)
         with torch.no_grad():
             fvu = self.fvu(x2, recon2)
             l0 = active.sum(dim=1).float().mean()

@@ -270,3 +270,21 @@ def test_relative_norms_and_classes_by_hand():
         relative_norms(cc, ord=3)
     with pytest.raises(ValueError, match="out of range"):
         relative_norms(cc, 0, 2)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_fast_path_code_equals_reference_code(activation):
+    """The dense code returned by the fused training path equals the plain path's, including
+    rows where relu pads its sparse code (feature 0 must not be overwritten by padding)."""
+    torch.manual_seed(0)
+    cc = Crosscoder([16, 16], 40, activation, k=5)
+    with torch.no_grad():
+        cc.b_enc.fill_(-0.02)  # relu: rows with different numbers of active features
+    x = torch.randn(50, 32)
+    cc.backend = "cpu"
+    fast = cc(x)
+    cc.backend = "reference"
+    cc.threshold.fill_(-1.0)
+    ref = cc(x)
+    torch.testing.assert_close(fast.code, ref.code, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=1e-6)
