@@ -486,6 +486,7 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
         except (OSError, json.JSONDecodeError):
             old = None
         if old == config:
+            state_path.unlink(missing_ok=True)  # killed between the manifest and this cleanup
             log.info("%s already holds this harvest; nothing to do", out)
             return out
         if not overwrite:

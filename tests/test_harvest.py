@@ -344,7 +344,9 @@ def test_resume_after_crash_is_identical(tmp_path, zoo, reference, monkeypatch):
     assert len(st["shards"]) == 2
     harvest(out=tmp_path / "s", progress=False, **_ref_args(zoo))
     assert _digest(tmp_path / "s") == reference
-    # a finished harvest rerun with the same settings is a no-op; other settings are refused
+    # a finished harvest rerun with the same settings is a no-op (and drops a state file left by
+    # a kill between the manifest and its removal); other settings are refused
+    (tmp_path / "s" / H.STATE).write_text("{}")
     harvest(out=tmp_path / "s", progress=False, **_ref_args(zoo))
     assert _digest(tmp_path / "s") == reference
     with pytest.raises(HarvestError, match="other settings"):
@@ -411,13 +413,31 @@ def test_sigkill_and_rerun_is_identical(tmp_path, zoo, reference):
     assert _digest(out) == reference
 
 
+def _moment_reached(out: Path, moment: str) -> bool:
+    if moment == "tmp-file":  # a shard file half written
+        return out.exists() and any(p.name.startswith(".shard-") for p in out.iterdir())
+    if moment == "manifest":
+        return (out / "manifest.json").exists()
+    st = out / H.STATE
+    try:
+        return st.exists() and len(json.loads(st.read_text())["shards"]) >= int(moment.split("-")[1])
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.5, 2.0, 3.5, 5.0, 6.5])
-def test_sigkill_at_random_moments(tmp_path, zoo, reference, delay):
-    """Kill at fixed wall-clock delays (start-up, mid-shard, between shards...), then rerun."""
+@pytest.mark.parametrize("moment", ["start-up", "shards-0", "tmp-file", "shards-1", "shards-4", "manifest"])
+def test_sigkill_at_many_moments(tmp_path, zoo, reference, moment):
+    """SIGKILL at a given point (during start-up, before the first shard, mid-write, between
+    shards, right after the manifest), then rerun the same command: identical store."""
     out = tmp_path / "s"
     p = _run_cli(_cli(zoo, out))
-    time.sleep(delay)
+    if moment == "start-up":
+        time.sleep(0.5)
+    else:
+        deadline = time.time() + 300
+        while p.poll() is None and time.time() < deadline and not _moment_reached(out, moment):
+            time.sleep(0.002)
     p.send_signal(signal.SIGKILL)
     p.communicate()
     p = _run_cli(_cli(zoo, out))
