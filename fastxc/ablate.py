@@ -37,12 +37,13 @@ PERCENTS = (0.5, 1, 2, 5, 10, 20)
 @torch.no_grad()
 def ablation_logits(cc: Crosscoder, models: Sequence, tokenizer, layer: int, contexts: Sequence[Sequence[int]],
                     targets: Sequence[int], feature_sets: dict[str, Sequence[int]], batch_size: int = 16,
-                    positions: str = "all") -> dict:
+                    positions: str = "all", only: Sequence[int] | None = None) -> dict:
     """Target logits at each window's last position, clean and with each feature set ablated.
 
     Returns {"clean": tensor [n_models, N], name: tensor [n_models, N] for each feature set}.
     ``positions="all"`` ablates at every real position of the window, ``"last"`` only at the
-    predicting position.
+    predicting position. ``only`` restricts the logits to those models (the others' rows stay 0;
+    every model still runs once, since the code needs all sources).
     """
     if positions not in ("all", "last"):
         raise AnalysisError(f"positions must be 'all' or 'last', got {positions!r}")
@@ -69,6 +70,8 @@ def ablation_logits(cc: Crosscoder, models: Sequence, tokenizer, layer: int, con
             where &= only
         where = where.unsqueeze(-1).float()
         for i, m in enumerate(models):
+            if only is not None and i not in only:
+                continue
             logits = m(input_ids=ids, attention_mask=mask).logits
             res["clean"][i, lo : lo + len(batch)] = logits[rows, last, tgt].float().cpu()
             for name, S in sets.items():
@@ -161,7 +164,8 @@ def rank_features(inp: Inputs, words: Sequence[str], candidates: Sequence[int], 
     ctx, tgt = windows(inp.reader, inp.tokenizer(), rows, context)
     models = inp.models()
     sets = {str(k): [int(k)] for k in candidates}
-    logits = ablation_logits(inp.crosscoder, models, inp.tokenizer(), inp.layer, ctx, tgt, sets, batch_size)
+    logits = ablation_logits(inp.crosscoder, models, inp.tokenizer(), inp.layer, ctx, tgt, sets, batch_size,
+                             only=[source])
     effect = [(int(k), float((logits[str(k)][source] - logits["clean"][source]).mean())) for k in candidates]
     return sorted(effect, key=lambda t: t[1])
 

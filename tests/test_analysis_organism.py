@@ -27,7 +27,6 @@ def _default_store():
 @pytest.fixture(scope="module")
 def organism(tmp_path_factory):
     from fastxc.analysis import open_inputs
-    from fastxc.organism.build import OrganismConfig, load_organism
 
     store = Path(os.environ.get("FASTXC_TEST_STORE") or _default_store())
     cc_dir = os.environ.get("FASTXC_TEST_CROSSCODER")
@@ -35,12 +34,14 @@ def organism(tmp_path_factory):
         from fastxc.train import main
 
         out = tmp_path_factory.mktemp("default_run")
-        assert main(["--store", str(store), "--out", str(out), "--progress", "false"]) == 0
+        assert main(["--store", str(store), "--out", str(out), "--no-progress"]) == 0
         cc_dir = out / "crosscoder"
     inp = open_inputs(cc_dir, store)
     inp.models()
-    org = load_organism(OrganismConfig(), progress=False)
-    return {"inp": inp, "org": org, "store": store, "cc": Path(cc_dir)}
+    # the organism folder holds both models (base/, distilled/) and its held-out corpus
+    root = Path(inp.model_names[1]).parent
+    assert (root / "corpus" / "heldout_traces.jsonl").is_file(), root
+    return {"inp": inp, "root": root, "store": store, "cc": Path(cc_dir)}
 
 
 def test_ablating_distilled_self_reflection_features_lowers_wait(organism):
@@ -59,14 +60,14 @@ def test_ablating_distilled_self_reflection_features_lowers_wait(organism):
 def test_steering_with_wait_feature_overthinks(organism):
     """Seed section 5: the most Wait-predictive distilled-leaning feature raises "Wait" per token
     >= 5x at some alpha <= 8 x its mean activation, and thinking gets longer."""
+    from fastxc.analysis import read_texts
     from fastxc.diff import feature_activity
-    from fastxc.organism.evaluate import heldout_questions
     from fastxc.steer import feature_direction, most_predictive_feature, steer_sweep
 
     inp = organism["inp"]
     best, ranking = most_predictive_feature(inp, ["Wait"], source=1)
     mean_act = float(feature_activity(inp.crosscoder, inp.reader, n_top=1).mean_act[best])
-    prompts = [q + " <think>" for q in heldout_questions(organism["org"], 50)]
+    prompts = [q + " <think>" for q in read_texts(organism["root"] / "corpus" / "heldout_traces.jsonl", "question", 50)]
     mults = [0, 2, 4, 8]
     sweep = steer_sweep(inp.models()[1], inp.tokenizer(), prompts, inp.layer, feature_direction(inp.crosscoder, [best], 1),
                         [m * mean_act for m in mults], {"self-reflection": ("Wait",)}, max_new_tokens=160,
@@ -86,7 +87,7 @@ def test_fraction_of_loss_recovered(organism):
     from fastxc.evaluate import evaluate, text_sequences
 
     inp = organism["inp"]
-    corpus = Path(organism["org"].root) / "corpus"
+    corpus = organism["root"] / "corpus"
     texts = read_texts(corpus / "heldout_traces.jsonl", limit=64) + read_texts(corpus / "heldout_general.jsonl", limit=64)
     res = evaluate(inp, text_sequences(texts, inp.tokenizer(), 128), metric_rows=8192)
     print(f"\nspliced-in CE: clean {res['clean']}, spliced {res['spliced']}, zero {res['zero']}; "
