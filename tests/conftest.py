@@ -32,11 +32,12 @@ def _seed():
 
 # Kernel tolerances per dtype (tests/test_kernels*.py): a result passes when
 # max|got - want| <= atol + rtol * max|want|, against the reference run in float32 on the same
-# (possibly bf16) inputs. Measured worst cases over the kernel test shapes: fp32 ~3e-7
-# relative; bf16 ~5e-3 relative (one bf16 rounding of the output, eps = 2^-8).
+# (possibly bf16) inputs. Measured worst max|err| / max|want| over the kernel tests: fp32
+# 1.3e-6 (dvals, fp32 sums in another order); bf16 1.5e-2 (dvals: bf16-rounded outputs and
+# upstream gradients feed sums with cancellation; bf16 eps = 2^-8 = 3.9e-3).
 KERNEL_TOL = {
-    torch.float32: {"rtol": 2e-5, "atol": 1e-5},
-    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+    torch.float32: {"rtol": 4e-6, "atol": 1e-6},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-3},
 }
 
 
