@@ -623,8 +623,13 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
 
 
 # ------------------------------------------------------------------------------------------ CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other fastxc command
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastxc.harvest",
+    p = _Parser(prog="python -m fastxc.harvest",
                                 description="Harvest residual-stream activations of HF models into a fastxc store.")
     p.add_argument("--model-a", help="first model (hub id or local folder)")
     p.add_argument("--model-b", help="second model")
@@ -653,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad flags: "error: ..." and exit status 2
     models = [m for m in (args.model_a, args.model_b) if m] + list(args.model)
     try:
         layers = None
@@ -670,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        shuffle_buffer=args.shuffle_buffer, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # HarvestError / StoreError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     m = json.loads((path / MANIFEST).read_text())
     print(f"store: {path}  ({m['n_rows']} tokens, sources {[s['name'] for s in m['sources']]}, "
           f"widths {m['widths']}, dtype {m['dtype']}, {m['dropped_outliers']} outlier positions dropped)")

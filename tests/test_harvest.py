@@ -479,8 +479,12 @@ def test_cli_errors(tmp_path, zoo, capsys):
             argv += ["--dataset", ds]
         rc = H.main(argv)
         err = capsys.readouterr().err
-        assert rc == 1 and err.startswith("error: ") and msg in err and "Traceback" not in err, (extra, err)
+        assert rc == 2 and err.startswith("error: ") and msg in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "o" / "manifest.json").exists()
+    with pytest.raises(SystemExit) as e:
+        H.main(["--model-a", a, "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "--tokens" in err and err.count("\n") == 1
     rc = H.main(["--model-a", a, "--model-b", b, "--dataset", ds, "--tokens", "30", "--out", str(tmp_path / "ok"),
                  "--no-progress", "--context-length", "16", "--dtype", "fp8"])
     assert rc == 0 and "30 tokens" in capsys.readouterr().out
