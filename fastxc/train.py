@@ -570,6 +570,15 @@ def print_summary(result: TrainResult, file=sys.stdout) -> None:
         print(f"classes: shared {c['shared']}, only-{a} {c['only-A']}, only-{b} {c['only-B']}", file=file)
 
 
+def print_next_commands(out: Path, file=sys.stdout) -> None:
+    """After the embedded default run: the analysis commands to try on its outputs."""
+    try:
+        from fastxc.organism.default import next_commands  # optional layer
+    except ImportError:
+        return
+    print("\nNext, try:", *next_commands(out), sep="\n  ", file=file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -590,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result.summary:  # empty on ranks other than 0
         print_summary(result)
+        if cfg.store is None and cfg.source is None:
+            print_next_commands(result.out)
     return 0
 
 

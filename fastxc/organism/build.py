@@ -49,12 +49,12 @@ class OrganismConfig:
     """Decoder layers; the store is harvested at the input of layer n_layers // 2."""
     n_heads: int = 4
     intermediate_size: int = 256
-    seq_len: int = 96
+    seq_len: int = 64
     """Training window in tokens (a trace is 40-80 tokens with BOS and EOS)."""
     batch_size: int = 32
-    base_steps: int = 600
+    base_steps: int = 800
     """Optimizer steps of base pre-training on general text."""
-    distill_steps: int = 400
+    distill_steps: int = 500
     """Optimizer steps of fine-tuning base into distilled."""
     base_lr: float = 3e-3
     distill_lr: float = 1e-3
@@ -98,12 +98,15 @@ def organism_dir(cfg: OrganismConfig) -> Path:
 
 @contextmanager
 def _quiet_threads(n: int | None):
-    """Run torch with ``n`` intra-op threads (default: all cores) and without transformers'
+    """Run torch with ``n`` intra-op threads (default: $FASTXC_THREADS or all cores) and without transformers'
     per-file progress bars (ours is enough), then restore both."""
     from transformers.utils import logging as hf_logging
 
     old, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(n or os.cpu_count() or 1)
+    # FASTXC_THREADS caps it on a shared machine: with other jobs on the cores, 2 spinning
+    # OpenMP threads measured 10x slower per step than 1 thread on this 2-core CPU.
+    n = n or int(os.environ.get("FASTXC_THREADS") or 0) or os.cpu_count() or 1
+    torch.set_num_threads(n)
     hf_logging.disable_progress_bar()
     try:
         yield

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from fastxc.organism.build import OrganismConfig, fastxc_home, load_organism
+from fastxc.organism.build import OrganismConfig, _quiet_threads, fastxc_home, load_organism
 from fastxc.organism.corpus import general_text, reasoning_trace
 
 # Bump when the store corpus or the harvest settings below change.
@@ -60,7 +60,28 @@ def default_store(seed: int = 0, progress: bool = True, tokens: int = DEFAULT_TO
     org = load_organism(cfg, progress=progress)
     specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate)
     # The corpus is rewritten identically (seeded), so an interrupted harvest resumes.
-    harvest([str(org.base), str(org.distilled)], store, specs, tokens,
-            context_length=CONTEXT_LENGTH, batch_size=64, seed=cfg.seed, progress=progress,
-            source_names=["base", "distilled"])
+    with _quiet_threads(None):
+        harvest([str(org.base), str(org.distilled)], store, specs, tokens,
+                context_length=CONTEXT_LENGTH, batch_size=64, seed=cfg.seed, progress=progress,
+                source_names=["base", "distilled"])
     return store
+
+
+def next_commands(run_dir: str | Path, seed: int = 0) -> list[str]:
+    """Analysis commands to try on a default run's crosscoder (printed by fastxc.train)."""
+    from fastxc.organism.build import organism_dir
+
+    cfg = OrganismConfig(seed=seed)
+    cc, st = Path(run_dir) / "crosscoder", store_dir(cfg) / "store"
+    qs = organism_dir(cfg) / "corpus" / "heldout_traces.jsonl"
+    an = Path(run_dir) / "analysis"
+    common = f"--crosscoder {cc} --store {st}"
+    return [
+        f"python -m fastxc.diff {common} --out {an}/diff          # NRN histogram, top features",
+        f"python -m fastxc.reasoning {common} --out {an}/reasoning  # features before Wait, Therefore, ...",
+        f"python -m fastxc.ablate {common} --out {an}/ablate        # marker-logit change (seed Fig. 2)",
+        f"python -m fastxc.steer {common} --out {an}/steer --prompts {qs} --suffix ' <think>' "
+        f"--feature auto:self-reflection   # over-thinking",
+        f"python -m fastxc.report --runs {an} --out {an}/report.html",
+        "python -m fastxc.organism --help                 # rebuild the organism: size, steps, seed",
+    ]
