@@ -129,6 +129,9 @@ def test_activations_equal_hidden_states(tmp_path, zoo, arch):
     has_bos = tok.bos_token_id is not None
     texts = [json.loads(l)["text"] for l in open(zoo["ds_a"])]
     x = r.read_rows(np.arange(len(r)), normalise=False)  # [N, 2, 32] raw activations
+    # what training reads is x * scales; undoing the normalisation gives x back (to 1 ulp)
+    undone = r.read_rows(np.arange(len(r))) / torch.from_numpy(r.scales)[None, :, None]
+    torch.testing.assert_close(undone, x, rtol=2.4e-7, atol=0)
     doc, pos, toks = r.meta("doc"), r.meta("pos"), r.tokens
     step = ctx - has_bos
     checked = 0
