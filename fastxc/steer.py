@@ -64,19 +64,31 @@ def diff_means_direction(reader, tokenizer, words: Sequence[str], source: int, n
     return (mean(pos) - mean(others)).float()
 
 
+PREDICT_METHODS = ("f1", "ablation")
+
+
 def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min: float = 0.5,
-                            max_candidates: int = 32, n_positions: int = 64, context: int = 128,
-                            seed: int = 0) -> tuple[int, list[tuple[int, float]]]:
-    """The ``source``-leaning feature whose ablation lowers the marker's logit most in model ``source``.
+                            method: str = "f1", max_candidates: int = 32, n_positions: int = 64,
+                            context: int = 128, seed: int = 0, max_rows: int | None = 200_000
+                            ) -> tuple[int, list[tuple[int, float]]]:
+    """The ``source``-leaning feature that best predicts the markers.
 
     Candidates: features active just before the markers whose NRN leans to ``source`` (NRN >
-    nrn_min for source 1, NRN < 1 - nrn_min for source 0), the ``max_candidates`` most frequent.
-    Returns (feature, [(feature, mean logit change)] sorted, most negative first).
+    nrn_min for source 1, NRN < 1 - nrn_min for source 0). ``method``:
+
+    - ``"f1"``: "the feature fires" as a predictor of "the next token is a marker" over store
+      rows: F1 of its precision and recall (score higher = better);
+    - ``"ablation"``: how much ablating the feature alone lowers the marker's logit in model
+      ``source`` (the ``max_candidates`` most frequent candidates; score = logit change, more
+      negative = better).
+
+    Returns (feature, [(feature, score)] best first).
     """
-    from fastxc.ablate import rank_features
-    from fastxc.diff import relative_norms
+    from fastxc.diff import feature_activity, relative_norms
     from fastxc.reasoning import category_activity
 
+    if method not in PREDICT_METHODS:
+        raise AnalysisError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
     cc, reader = inp.crosscoder, inp.reader
     if reader is None:
         raise AnalysisError("choosing a feature needs --store")
@@ -86,10 +98,24 @@ def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min:
     act = category_activity(cc, reader, rows)
     nrn = relative_norms(cc, 0, 1).nrn
     lean = nrn > nrn_min if source == 1 else nrn < 1 - nrn_min
-    cand = [int(k) for k in act.active if lean[k]][:max_candidates]
+    cand = [int(k) for k in act.active if lean[k]]
     if not cand:
         raise AnalysisError(f"no feature active before {list(words)} leans to source {source}")
-    ranking = rank_features(inp, words, cand, source, n_positions, context, seed)
+    if method == "ablation":
+        from fastxc.ablate import rank_features
+
+        ranking = rank_features(inp, words, cand[:max_candidates], source, n_positions, context, seed)
+        return ranking[0][0], ranking
+    scan = min(len(reader), max_rows) if max_rows else len(reader)
+    rows_in = rows[rows < scan]
+    if len(rows_in) == 0:
+        raise AnalysisError(f"no marker position among the first {scan} store rows")
+    fired_all = feature_activity(cc, reader, n_rows=scan, n_top=1).freq * scan  # rows where each fires
+    recall = category_activity(cc, reader, rows_in).freq
+    hits = recall * len(rows_in)
+    precision = hits / fired_all.clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    ranking = sorted(((k, float(f1[k])) for k in cand), key=lambda t: -t[1])
     return ranking[0][0], ranking
 
 
@@ -205,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steer", default="b", choices=("a", "b"), help="which model to steer (source 0 = a, 1 = b)")
     p.add_argument("--feature", default=None,
                    help="comma-separated crosscoder features to add, or 'auto:CATEGORY': the steered model's "
-                        "most marker-predictive leaning feature (by single-feature ablation)")
+                        "most marker-predictive leaning feature (see --predict-by)")
+    p.add_argument("--predict-by", default="f1", choices=PREDICT_METHODS,
+                   help="how --feature auto picks: F1 of firing vs the next token being a marker, or single-feature ablation")
     p.add_argument("--diff-means", default=None, metavar="CATEGORY",
                    help="steer with the difference-of-means direction of a marker category instead")
     p.add_argument("--direction-from", default="a", choices=("a", "b"), help="model whose activations give --diff-means")
@@ -238,9 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if auto:
             if auto not in cats:
                 raise AnalysisError(f"unknown category {auto!r}; known: {', '.join(cats)}")
-            best, ranking = most_predictive_feature(inp, cats[auto], target, seed=args.seed)
+            best, ranking = most_predictive_feature(inp, cats[auto], target, method=args.predict_by, seed=args.seed)
             print(f"most {auto}-predictive feature of {cc.source_names[target]}: {best} "
-                  f"(ablating it alone changes the marker logit by {ranking[0][1]:+.3f})")
+                  f"({args.predict_by} score {ranking[0][1]:+.3f})")
             feats = [best]
         if feats:
             direction = feature_direction(cc, feats, target)

@@ -212,12 +212,33 @@ def test_most_predictive_feature_is_the_strongest_ablation(world):
 
     cc = random_crosscoder([WIDTH, WIDTH], scales=world["reader"].scales)
     inp = open_inputs(cc, world["store"])
-    best, ranking = most_predictive_feature(inp, ["Wait"], 1, n_positions=8, context=6)
+    best, ranking = most_predictive_feature(inp, ["Wait"], 1, method="ablation", n_positions=8, context=6)
     nrn = relative_norms(cc).nrn
     assert best == ranking[0][0] and all(nrn[k] > 0.5 for k, _ in ranking)
     assert all(ranking[i][1] <= ranking[i + 1][1] for i in range(len(ranking) - 1))
     again = dict(rank_features(inp, ["Wait"], [k for k, _ in ranking], 1, n_positions=8, context=6))
     assert abs(again[best] - ranking[0][1]) < 1e-5
+
+
+def test_most_predictive_feature_by_f1(world):
+    """F1 of "feature fires" against "next token is Wait", checked by brute force over the store."""
+    from fastxc.analysis import open_inputs
+    from fastxc.diff import relative_norms
+    from fastxc.reasoning import marker_rows
+    from fastxc.steer import most_predictive_feature
+
+    reader = world["reader"]
+    cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
+    best, ranking = most_predictive_feature(open_inputs(cc, world["store"]), ["Wait"], 1)
+    fired = cc.encode(cc.flatten_input(reader.read_rows(np.arange(len(reader))))) > 0  # [N, F]
+    target = torch.zeros(len(reader), dtype=torch.bool)
+    target[marker_rows(reader, world["tok"], ["Wait"])] = True
+    tp = (fired & target[:, None]).sum(0).float()
+    f1 = 2 * tp / (fired.sum(0) + target.sum()).float()  # 2PR / (P + R) = 2 tp / (fired + positives)
+    nrn = relative_norms(cc).nrn
+    want = max((k for k in range(cc.n_features) if nrn[k] > 0.5 and tp[k] > 0), key=lambda k: float(f1[k]))
+    assert float(f1[best]) == pytest.approx(float(f1[want]), rel=1e-5)
+    assert ranking[0][1] == pytest.approx(float(f1[best]), rel=1e-5)
 
 
 def test_feature_direction_units(world):

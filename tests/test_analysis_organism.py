@@ -73,7 +73,7 @@ def test_steering_with_wait_feature_overthinks(organism):
                         [m * mean_act for m in mults], {"self-reflection": ("Wait",)}, max_new_tokens=160,
                         temperature=0.7, seed=0)
     base = sweep[0]
-    print(f"\nfeature {best} (single-feature ablation {ranking[0][1]:+.3f}), mean activation {mean_act:.3f}")
+    print(f"\nfeature {best} (F1 of firing vs next token Wait {ranking[0][1]:.3f}), mean activation {mean_act:.3f}")
     for m, r in zip(mults, sweep):
         print(f"  alpha {m} x mean: Wait/token {r['rate']['self-reflection']:.4f}, thinking {r['mean_think_tokens']:.1f} "
               f"tokens, closed {r['close_rate']:.2f}")
