@@ -172,13 +172,17 @@ class Chunk:
     ids: list[int]
 
 
-def iter_chunks(texts: Iterator[tuple[int, str]], tokenizer, context_length: int, dataset: int) -> Iterator[Chunk]:
+def iter_chunks(texts: Iterator[tuple[int, str]], tokenizer, context_length: int, dataset: int,
+                split_special_tokens: bool = False) -> Iterator[Chunk]:
+    """Chunks of each document; ``split_special_tokens`` tokenizes special-token strings in the
+    text as plain text (so only regular-vocabulary ids occur)."""
     bos = tokenizer.bos_token_id
+    kw = {"split_special_tokens": True} if split_special_tokens else {}
     step = context_length - (1 if bos is not None else 0)
     if step <= 0:
         raise HarvestError(f"context_length must be > 1, got {context_length}")
     for doc, text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, **kw)["input_ids"]
         for s in range(0, len(ids), step):
             part = ids[s:s + step]
             yield Chunk(dataset, doc, s, ([bos] if bos is not None else []) + part)
@@ -330,17 +334,37 @@ def load_tokenizer(name: str, revision: str | None = None):
         raise HarvestError(f"cannot load the tokenizer of {name}: {e}") from e
 
 
-def check_tokenizers(tokenizers: Sequence[Any], names: Sequence[str]) -> None:
-    """Raise HarvestError naming the first token id on which two tokenizers disagree."""
+def _special_ids(tok) -> set[int]:
+    """Ids of the tokenizer's special tokens (added special tokens and the named ones)."""
+    ids = {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    return ids | {i for i in getattr(tok, "all_special_ids", []) if i is not None}
+
+
+def check_tokenizers(tokenizers: Sequence[Any], names: Sequence[str], ignore_special_tokens: bool = False) -> None:
+    """Raise HarvestError naming the first token id on which two tokenizers disagree.
+
+    With ``ignore_special_tokens`` only the regular vocabulary must match (special tokens may
+    differ, as between Qwen2.5-Math and DeepSeek-R1-Distill-Qwen); the harvest then tokenizes
+    with the first tokenizer, splitting special-token strings into regular tokens, and BOS is
+    used only if every tokenizer gives its id the same token.
+    """
     ref = {i: t for t, i in tokenizers[0].get_vocab().items()}
     for tok, name in zip(tokenizers[1:], names[1:]):
         other = {i: t for t, i in tok.get_vocab().items()}
-        for i in sorted(set(ref) | set(other)):
+        skip = (_special_ids(tokenizers[0]) | _special_ids(tok)) if ignore_special_tokens else set()
+        for i in sorted((set(ref) | set(other)) - skip):
             a, b = ref.get(i), other.get(i)
             if a != b:
+                hint = "" if ignore_special_tokens else " (if only special tokens differ: --ignore-special-tokens)"
                 raise HarvestError(
                     f"tokenizers differ: token id {i} is {a!r} in {names[0]} but {b!r} in {name}; "
-                    "the models must share a vocabulary")
+                    f"the models must share a vocabulary{hint}")
+        if ignore_special_tokens:
+            bos = tokenizers[0].bos_token_id
+            if bos is not None and ref.get(bos) != other.get(bos):
+                raise HarvestError(f"the BOS token of {names[0]} (id {bos}, {ref.get(bos)!r}) is {other.get(bos)!r} in "
+                                   f"{name}; put a model whose tokenizer has no BOS, or the same BOS, first")
+            continue
         for attr in ("bos_token_id", "pad_token_id"):
             if getattr(tokenizers[0], attr) != getattr(tok, attr):
                 raise HarvestError(f"tokenizers differ: {attr} is {getattr(tokenizers[0], attr)} in {names[0]} "
@@ -396,7 +420,7 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
             model_dtype: str = "float32", text_field: str = "text", seed: int = 0, progress: bool = True,
             *, outlier_factor: float = 10.0, shard_tokens: int | None = None,
             source_names: Sequence[str] | None = None, revisions: Sequence[str | None] | None = None,
-            shuffle_buffer: int = 0, overwrite: bool = False) -> Path:
+            shuffle_buffer: int = 0, overwrite: bool = False, ignore_special_tokens: bool = False) -> Path:
     """Harvest the residual stream of ``models`` into a store at ``out``; returns its path.
 
     Args:
@@ -420,6 +444,8 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
         revisions: hub revision of each model.
         shuffle_buffer: documents in the streaming shuffle buffer (0: stream order).
         overwrite: replace a finished store with different settings at ``out``.
+        ignore_special_tokens: require only the regular vocabularies to match (see
+            ``check_tokenizers``).
     """
     out = Path(out)
     models = [str(m) for m in models]
@@ -445,7 +471,7 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
     for spec in specs:  # fail on a bad dataset before any model is loaded
         check_dataset(spec, text_field)
     toks = [load_tokenizer(m, r) for m, r in zip(models, revisions)]
-    check_tokenizers(toks, models)
+    check_tokenizers(toks, models, ignore_special_tokens)
     tok = toks[0]
     from transformers import AutoConfig
 
@@ -477,6 +503,8 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
         "shard_tokens": shard_rows, "shuffle_buffer": int(shuffle_buffer),
         "tokenizer_vocab_sha256": tokenizer_info(tok)["vocab_sha256"],
     }
+    if ignore_special_tokens:  # only in the config when set: older stores keep their fingerprint
+        config["ignore_special_tokens"] = True
 
     # ---- the output folder: finished, resumable, or new
     state_path, man_path = out / STATE, out / MANIFEST
@@ -520,7 +548,8 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
             p.unlink()
 
     # ---- data stream (replayed up to the recorded batch on resume)
-    streams = [iter_chunks(iter_texts(s, text_field, seed, shuffle_buffer), tok, context_length, k)
+    streams = [iter_chunks(iter_texts(s, text_field, seed, shuffle_buffer), tok, context_length, k,
+                           split_special_tokens=ignore_special_tokens)
                for k, s in enumerate(specs)]
     batches = iter_batches(mix_chunks(streams, [s.proportion for s in specs]), batch_size)
     for _ in range(done_batches):
@@ -653,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=None, help=f"rows per shard (default {DEFAULT_SHARD_TOKENS})")
     p.add_argument("--shuffle-buffer", type=int, default=0, help="streaming document shuffle buffer (0: off)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished store with other settings")
+    p.add_argument("--ignore-special-tokens", action="store_true",
+                   help="require only the regular vocabularies to match (special tokens may differ)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -672,7 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        store_dtype=args.store_dtype, device=args.device, model_dtype=args.model_dtype,
                        text_field=args.text_field, seed=args.seed, progress=not args.no_progress,
                        outlier_factor=args.outlier_factor, shard_tokens=args.shard_tokens,
-                       shuffle_buffer=args.shuffle_buffer, overwrite=args.overwrite)
+                       shuffle_buffer=args.shuffle_buffer, overwrite=args.overwrite,
+                       ignore_special_tokens=args.ignore_special_tokens)
     except (ValueError, OSError) as e:  # HarvestError / StoreError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -493,3 +493,27 @@ def test_cli_errors(tmp_path, zoo, capsys):
     assert rc == 0 and "30 tokens" in capsys.readouterr().out
     r = open_store(tmp_path / "ok")
     assert r.dtype == "float8_e4m3fn" and len(r) == 30
+
+
+def test_ignore_special_tokens(tmp_path, zoo):
+    """Vocabularies that differ only in special tokens (like Qwen2.5-Math vs R1-Distill-Qwen)."""
+    tok = build_tokenizer(tmp_path / "tok_think")
+    tok.add_special_tokens({"additional_special_tokens": ["<think>"]})
+    think = build_model(tmp_path / "llama_think", "llama", tok, seed=8)
+    ds = tmp_path / "t.jsonl"
+    ds.write_text("\n".join(json.dumps({"text": f"the cat <think> so two plus three {i}"}) for i in range(20)) + "\n")
+    models = [str(zoo["llama_a"]), str(think)]
+    n = len(zoo["inv"])
+    with pytest.raises(HarvestError, match=rf"token id {n} is None in .* but '<think>' in .*--ignore-special-tokens"):
+        harvest(models, tmp_path / "s", [str(ds)], tokens=50, context_length=16, progress=False)
+    # the first model's tokenizer (here the one with "<think>") tokenizes for all
+    out = harvest(models[::-1], tmp_path / "s", [str(ds)], tokens=50, context_length=16, progress=False,
+                  ignore_special_tokens=True)
+    r = open_store(out)
+    assert len(r) == 50 and r.manifest["harvest_config"]["ignore_special_tokens"] is True
+    assert tok("<think>", add_special_tokens=False)["input_ids"] == [n]
+    assert r.tokens.max() < n  # "<think>" was split into regular tokens, never its special id
+    # the regular vocabularies must still agree
+    with pytest.raises(HarvestError, match="token id 10"):
+        harvest([str(zoo["llama_a"]), str(zoo["llama_swapped"])], tmp_path / "s2", [str(ds)], tokens=10,
+                progress=False, ignore_special_tokens=True)
