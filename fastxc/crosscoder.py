@@ -29,6 +29,12 @@ from fastxc import kernels as K
 from fastxc.kernels import _dispatch
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
+# relu through fastxc.kernels only while codes are sparse: each active entry costs ~4 gathered
+# row operations of width D, the dense path ~5 GEMMs whatever the density (bench/bench_step.py:
+# sparse 3.3x faster at L0 = 0.5% of F; at F=256 with half the features active it was 2.7x
+# slower). Denser codes take the dense path for the next RELU_DENSE_STEPS calls, then re-probe.
+RELU_SPARSE_MAX_FRAC = 1 / 32
+RELU_DENSE_STEPS = 100
 CONFIG_VERSION = 1
 
 
@@ -130,6 +136,10 @@ class Crosscoder(nn.Module):
         # FASTXC_BACKEND; "reference" = the plain-torch path below (what the kernels are tested
         # against). Not part of config(): it is a runtime choice, not a model property.
         self.backend: str | None = None
+        # relu: the sparse path pays per active entry, the dense one per feature; steps whose
+        # widest code row exceeds RELU_SPARSE_MAX_FRAC of F run densely (re-probed now and then)
+        self._relu_dense_until = 0
+        self._calls = 0
 
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(n_features, self.d_total, **factory))
@@ -250,7 +260,9 @@ class Crosscoder(nn.Module):
         or ``FASTXC_BACKEND``) is ``"reference"``, which takes the plain-torch path.
         """
         x2 = self.flatten_input(x)
-        if _dispatch.choose(x2, backend=self.backend) != "reference":
+        self._calls += 1
+        if _dispatch.choose(x2, backend=self.backend) != "reference" and not (
+                self.activation == "relu" and self._calls < self._relu_dense_until):
             return self._forward_fast(x, x2, l1_coef)
         pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
         f = self.activate(pre)
@@ -292,6 +304,8 @@ class Crosscoder(nn.Module):
             vals, idx = K.topk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
         elif self.activation == "relu":
             vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, backend=bk)
+            if idx.shape[1] > RELU_SPARSE_MAX_FRAC * self.n_features:
+                self._relu_dense_until = self._calls + RELU_DENSE_STEPS
         elif self.training:  # batchtopk
             vals, idx = K.batchtopk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
             with torch.no_grad():
