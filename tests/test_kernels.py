@@ -29,13 +29,15 @@ BIG = [pytest.param(37, 1000, 4099, 64, (600, 400), id="B37-D1000-F4099-k64-w600
 
 def cases(heavy_interp: bool = False):
     """(backend, shape, dtype) combos. The Triton interpreter is ~200x slower than torch, so
-    under it the F=4099 shape runs in fp32 by default (bf16, and all of it for heavy ops, under
-    -m slow) and the D=1000 shape only under -m slow; the CPU path runs everything."""
+    under it the F=4099 shape runs in fp32 by default (bf16, and all of it for the ops that
+    share the kernels tested there, under -m slow) and the D=1000 shape only under -m slow;
+    the CPU path runs everything, bf16 at D=1000 under -m slow."""
     out = []
     for bk in BACKENDS:
         for p in SMALL + BIG:
             for dt, dname in zip(DTYPES, ("fp32", "bf16")):
-                slow = bk == "triton" and (p in BIG or (p.values[2] > 1000 and (heavy_interp or dt != torch.float32)))
+                slow = (bk == "triton" and (p in BIG or (p.values[2] > 1000 and (heavy_interp or dt != torch.float32)))
+                        or (p in BIG and dt != torch.float32))
                 out.append(pytest.param(bk, *p.values, dt, id=f"{bk}-{p.id}-{dname}",
                                         marks=[pytest.mark.slow] if slow else []))
     return out
@@ -118,7 +120,7 @@ def test_relu_encode(backend, B, D, F, k, widths, dtype, theta, kernel_tol, pois
                  lambda *a: R.relu_encode_ref(*a, th), x, W, b, F, dtype, kernel_tol)
 
 
-@pytest.mark.parametrize(PARAMS, CASES)
+@pytest.mark.parametrize(PARAMS, cases(heavy_interp=True))
 def test_batchtopk_encode(backend, B, D, F, k, widths, dtype, kernel_tol, poison):
     x, W, b = params(B, D, F, dtype)
     th_fast, th_ref = torch.tensor(0.5), torch.tensor(0.5)
@@ -191,7 +193,7 @@ def test_crosscoder_loss(backend, B, D, F, k, widths, dtype, coef, kernel_tol, p
     check_loss(out, ref, [vals, W, bd], refs, len(widths), dtype, kernel_tol, B)
 
 
-@pytest.mark.parametrize(PARAMS, CASES)
+@pytest.mark.parametrize(PARAMS, cases(heavy_interp=True))
 def test_source_mse(backend, B, D, F, k, widths, dtype, kernel_tol, poison):
     recon = torch.randn(B, D).to(dtype).requires_grad_()
     x = (torch.randn(B, D) + 0.5).to(dtype)
@@ -210,7 +212,7 @@ def test_source_mse(backend, B, D, F, k, widths, dtype, kernel_tol, poison):
     close("drecon", g, w, dtype, kernel_tol)
 
 
-@pytest.mark.parametrize(PARAMS, CASES)
+@pytest.mark.parametrize(PARAMS, cases(heavy_interp=True))
 def test_decoder_norm_penalty(backend, B, D, F, k, widths, dtype, kernel_tol, poison):
     vals, idx = code(B, F, k, dtype)
     _, W, _ = params(1, D, F, dtype)
