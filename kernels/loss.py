@@ -247,8 +247,9 @@ def crosscoder_loss(vals, idx, W_dec, b_dec, x, widths: Sequence[int], penalty_c
     bk = _dispatch.choose(W_dec, backend=backend)
     if bk == "reference":
         return crosscoder_loss_ref(vals, idx, W_dec, b_dec, x, widths, penalty_coef, want_pen)
-    idx = idx.long()
-    return LossOutput(*_CrosscoderLossFn.apply(vals, idx, W_dec, b_dec, x.detach(), widths,
+    # contiguous operands: the C++ / Triton kernels index raw row-major buffers
+    idx = idx.long().contiguous()
+    return LossOutput(*_CrosscoderLossFn.apply(vals.contiguous(), idx, W_dec.contiguous(), b_dec, x.detach().contiguous(), widths,
                                                float(penalty_coef), want_pen, bk))
 
 
@@ -286,7 +287,7 @@ def source_mse(recon, x, widths: Sequence[int], *, backend: str | None = None):
     bk = _dispatch.choose(recon, backend=backend)
     if bk == "reference":
         return source_mse_ref(recon, x, widths)
-    return _SourceMseFn.apply(recon, x.detach(), widths, bk)
+    return _SourceMseFn.apply(recon.contiguous(), x.detach().contiguous(), widths, bk)
 
 
 class _PenaltyFn(torch.autograd.Function):
@@ -332,7 +333,7 @@ def decoder_norm_penalty(vals, idx, W_dec, widths: Sequence[int], *, backend: st
     bk = _dispatch.choose(W_dec, backend=backend)
     if bk == "reference":
         return decoder_norm_penalty_ref(vals, idx, W_dec, widths)
-    return _PenaltyFn.apply(vals, idx.long(), W_dec, widths, bk)
+    return _PenaltyFn.apply(vals.contiguous(), idx.long().contiguous(), W_dec.contiguous(), widths, bk)
 
 
 def dense_decoder_norm_penalty(code, W_dec, widths: Sequence[int], *, backend: str | None = None):

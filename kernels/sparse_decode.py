@@ -328,4 +328,6 @@ def sparse_decode(vals, idx, W_dec, b_dec=None, *, backend: str | None = None):
     bk = _dispatch.choose(W_dec, backend=backend)
     if bk == "reference":
         return sparse_decode_ref(vals, idx, W_dec, b_dec)
-    return _SparseDecodeFn.apply(vals, idx.long() if bk == "cpu" else idx, W_dec, b_dec, bk)
+    # contiguous operands: the C++ / Triton kernels index raw row-major buffers
+    return _SparseDecodeFn.apply(vals.contiguous(), idx.long().contiguous(), W_dec.contiguous(),
+                                 b_dec, bk)

@@ -236,7 +236,8 @@ def encode(x, W_enc, b_enc, mode, k=0, theta=None, backend=None, extra=None):
     if mode in ("topk", "batchtopk") and not 1 <= k <= W_enc.shape[0]:
         raise ValueError(f"k must be in [1, F={W_enc.shape[0]}], got {k}")
     bk = _dispatch.choose(x, backend=backend)
-    return bk, _EncodeFn.apply(x, W_enc, b_enc, mode, k, theta, bk, {} if extra is None else extra)
+    return bk, _EncodeFn.apply(x.contiguous(), W_enc.contiguous(), b_enc, mode, k, theta, bk,
+                               {} if extra is None else extra)
 
 
 def topk_encode(x, W_enc, b_enc, k: int, *, backend: str | None = None):
