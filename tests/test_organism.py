@@ -160,6 +160,9 @@ def test_cli_builds_into_out_and_rejects_bad_flags(tmp_path, capsys):
     assert (tmp_path / "org" / "distilled" / "model.safetensors").is_file()
     with pytest.raises(SystemExit):
         main(["--hidden-size", "wide"])
+    assert main(["--base-steps", "-5", "--out", str(tmp_path / "bad")]) == 2
+    assert "base-steps must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sample_stops_at_eos_and_counts_tokens(tmp_path, monkeypatch):

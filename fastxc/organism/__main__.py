@@ -31,9 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    cfg = OrganismConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OrganismConfig)})
     progress = not args.no_progress
     try:
+        cfg = OrganismConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OrganismConfig)})
         if args.out is not None:
             org = build_organism(cfg, out=args.out, progress=progress, threads=args.threads)
         else:

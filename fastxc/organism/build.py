@@ -67,6 +67,16 @@ class OrganismConfig:
     slip_rate: float = 0.6
     """Fraction of traces with a slip corrected after "Wait,"."""
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "seed" and not v > 0:
+                raise ValueError(f"organism --{f.name.replace('_', '-')} must be > 0, got {v}")
+        if not (0 < self.general_mix < 1 and 0 <= self.slip_rate <= 1):
+            raise ValueError("organism --general-mix must be in (0, 1) and --slip-rate in [0, 1]")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"organism --hidden-size {self.hidden_size} must divide by --n-heads {self.n_heads}")
+
     def key(self) -> str:
         """Cache folder name: recipe version, seed and a hash of the full config."""
         blob = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
