@@ -228,15 +228,19 @@ class Crosscoder(nn.Module):
         n_keep = min(self.k * pre.shape[0], flat.numel())
         vals, idx = flat.topk(n_keep, sorted=False)
         code = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
-        with torch.no_grad():
-            positive = vals[vals > 0]
-            if positive.numel():
-                batch_thr = positive.min().float()
-                if self.threshold.item() < 0:
-                    self.threshold.copy_(batch_thr)
-                else:
-                    self.threshold.lerp_(batch_thr, self.threshold_momentum)
+        self._update_threshold(vals)
         return code
+
+    @torch.no_grad()
+    def _update_threshold(self, vals: Tensor) -> None:
+        """batchtopk: move the running threshold toward the smallest positive selected value."""
+        positive = vals[vals > 0]
+        if positive.numel():
+            batch_thr = positive.min().float()
+            if self.threshold.item() < 0:
+                self.threshold.copy_(batch_thr)
+            else:
+                self.threshold.lerp_(batch_thr, self.threshold_momentum)
 
     def encode(self, x: Tensor) -> Tensor:
         """x [B, D] or [B, n, d] -> dense code f [B, F]."""
@@ -308,14 +312,7 @@ class Crosscoder(nn.Module):
                 self._relu_dense_until = self._calls + RELU_DENSE_STEPS
         elif self.training:  # batchtopk
             vals, idx = K.batchtopk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
-            with torch.no_grad():
-                positive = vals[vals > 0]
-                if positive.numel():
-                    batch_thr = positive.min().float()
-                    if self.threshold.item() < 0:
-                        self.threshold.copy_(batch_thr)
-                    else:
-                        self.threshold.lerp_(batch_thr, self.threshold_momentum)
+            self._update_threshold(vals)
         else:
             thr = self.threshold.item()
             if thr < 0:
