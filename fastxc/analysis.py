@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastxc.errors import report
 from fastxc.crosscoder import Crosscoder
 from fastxc.hooks import (AnalysisError, check_layer, config_dims, hidden_size, load_model, load_tokenizer,
                           model_config)
@@ -211,11 +212,7 @@ def run_cli(body: Callable[[], int]) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, KeyError) as e:
-        if os.environ.get("FASTXC_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return report(e)
 
 
 def savefig(fig, path: Path) -> Path:

@@ -27,6 +27,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 
 from fastxc import distributed as dist_
+from fastxc.errors import report
 from fastxc.crosscoder import ACTIVATIONS, Crosscoder
 from fastxc.diff import CLASS_NAMES, classify, relative_norms, text_histogram
 
@@ -592,11 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; continue with --resume", file=sys.stderr)
         return 130
     except (TrainError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as e:
-        if os.environ.get("FASTXC_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return report(e)
     if result.summary:  # empty on ranks other than 0
         print_summary(result)
         if cfg.store is None and cfg.source is None:
