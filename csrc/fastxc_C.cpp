@@ -20,7 +20,12 @@
 //   willneed(srcs, shard_ids, local_rows)
 //     madvise(MADV_WILLNEED) on the pages holding each row: the kernel starts reading them
 //     asynchronously, so a store larger than RAM has many reads in flight instead of one per
-//     gather thread. The reader calls it on the batch after the one it gathers.
+//     gather thread. The reader calls it on the batch after the one it gathers, when the store
+//     is too large to stay in the page cache (for a cached store it is one syscall per row for
+//     nothing).
+//
+//   permute(idx, n, key, rounds=6)
+//     the reader's keyed shuffle of row ids (identical to the numpy fastxc.store.permute).
 //
 // All loops run with the GIL released (a background prefetch thread in Python overlaps them
 // with training). Row ids are validated before the parallel region (no exceptions inside it).
@@ -28,6 +33,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -327,6 +333,53 @@ int64_t willneed(py::list srcs, py::array_t<int32_t, py::array::c_style | py::ar
 #endif
 }
 
+// splitmix64 finaliser (wrapping uint64 arithmetic), as fastxc.store._mix64.
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The store's keyed bijection of [0, n) (fastxc.store.permute is the numpy reference; the two
+// give identical ids): a balanced Feistel network on 2**(2h) >= n with cycle walking. Per row
+// it is a few dozen integer ops, so the numpy version's ~50 array passes per batch dominated.
+py::array_t<int64_t> permute(py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx, int64_t n,
+                             uint64_t key, int rounds) {
+  const int64_t m = idx.size();
+  py::array_t<int64_t> out(m);
+  int64_t* o = out.mutable_data();
+  const int64_t* x = idx.data();
+  for (int64_t i = 0; i < m; ++i)
+    if (x[i] < 0 || x[i] >= n) throw std::out_of_range("permute: index out of [0, n)");
+  if (n <= 1) {
+    std::fill(o, o + m, int64_t{0});
+    return out;
+  }
+  int bits = 64 - __builtin_clzll(static_cast<uint64_t>(n - 1));
+  bits = std::max(bits, 2);
+  bits += bits & 1;
+  const int h = bits / 2;
+  const uint64_t mask = (uint64_t{1} << h) - 1;
+  const uint64_t kbase = mix64(key);
+  std::vector<uint64_t> keys(rounds);
+  for (int r = 0; r < rounds; ++r) keys[r] = mix64(kbase + static_cast<uint64_t>(r) + 1);
+  py::gil_scoped_release release;
+  for (int64_t i = 0; i < m; ++i) {
+    uint64_t v = static_cast<uint64_t>(x[i]);
+    do {
+      uint64_t left = v >> h, right = v & mask;
+      for (int r = 0; r < rounds; ++r) {
+        const uint64_t t = left ^ (mix64(right ^ keys[r]) & mask);
+        left = right;
+        right = t;
+      }
+      v = (left << h) | right;
+    } while (v >= static_cast<uint64_t>(n));
+    o[i] = static_cast<int64_t>(v);
+  }
+  return out;
+}
+
 int num_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -351,6 +404,8 @@ PYBIND11_MODULE(_C, m) {
         "out[i] = float32(srcs[shard_ids[i]][local_rows[i]]) * col_scale (* row scale for fp8).");
   m.def("willneed", &willneed, py::arg("srcs"), py::arg("shard_ids"), py::arg("local_rows"),
         "madvise(MADV_WILLNEED) the pages of the given rows (asynchronous read-ahead).");
+  m.def("permute", &permute, py::arg("idx"), py::arg("n"), py::arg("key"), py::arg("rounds") = 6,
+        "Keyed bijection of [0, n) applied to idx (int64 [m]); equals fastxc.store.permute.");
   m.def("num_threads", &num_threads, "OpenMP threads the gather uses.");
   register_cpu_kernels(m);
 }

@@ -391,7 +391,13 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 
 def permute(idx: np.ndarray, n: int, key: int, rounds: int = 6) -> np.ndarray:
-    """A bijection of [0, n) applied to ``idx`` (int64), keyed by ``key``.
+    """A bijection of [0, n) applied to ``idx`` (int64 [m]), keyed by ``key``: ``fastxc._C``'s
+    loop, which gives the same ids as ``permute_reference`` about 4x faster."""
+    return _C.permute(np.asarray(idx, dtype=np.int64), int(n), int(key) & 0xFFFFFFFFFFFFFFFF, int(rounds))
+
+
+def permute_reference(idx: np.ndarray, n: int, key: int, rounds: int = 6) -> np.ndarray:
+    """A bijection of [0, n) applied to ``idx`` (int64), keyed by ``key`` (numpy reference).
 
     Balanced Feistel network on the smallest even-bit domain 2**(2h) >= n, with cycle walking
     (re-apply until the value lands inside [0, n); the domain is < 4n so that takes < 4 rounds
@@ -471,6 +477,16 @@ def _ensure_fd_limit(n_maps: int, where: Path) -> None:
                              f"{new} (hard limit {hard}); raise it (ulimit -n) or write larger shards")
 
 
+_READAHEAD_FRACTION_OF_RAM = 0.5
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume the store is not cached
+        return 0
+
+
 class StoreReader:
     """Read access to a store (see module docstring). Use ``open_store(path)``."""
 
@@ -520,6 +536,11 @@ class StoreReader:
         self._shards = [self._map_shard(rec) for rec in shard_recs]
         self._starts = np.cumsum([0] + [s.rows for s in self._shards]).astype(np.int64)
         self._tokens_cache: np.ndarray | None = None
+        # Read-ahead (MADV_WILLNEED on the next batch's rows) pays off only for a store the page
+        # cache cannot hold; on a cached store it is one wasted syscall per row (measured: it
+        # made the prefetching iterator 2x slower than a plain gather on a 2 GiB cached store).
+        acts_bytes = sum(s.acts.nbytes for s in self._shards)
+        self.readahead = acts_bytes > _READAHEAD_FRACTION_OF_RAM * _physical_memory()
 
     # -- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -678,7 +699,8 @@ def _prefetch_worker(reader: StoreReader, batch_size: int, seed: int, i: int, q:
         while not stop.is_set():
             rows = nxt
             nxt = reader.batch_rows(batch_size, seed, i + 1)
-            reader._willneed(nxt)  # start the disk reads of the following batch now
+            if reader.readahead:
+                reader._willneed(nxt)  # start the disk reads of the following batch now
             if not put(reader._shape(reader._gather(rows))):
                 return
             i += 1

@@ -118,6 +118,17 @@ def test_permute_is_a_bijection(n):
         assert np.array_equal(np.sort(p), np.arange(n))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 37, 1 << 20, 3_000_001, (1 << 40) + 7])
+def test_permute_cpp_equals_numpy_reference(n):
+    """The C++ shuffle gives the very ids of the numpy reference (stores and checkpoints
+    written with either read the same batches)."""
+    idx = np.random.default_rng(n % 1000).integers(0, n, size=3000) if n > 1 else np.zeros(4, np.int64)
+    for key in (0, 1, 2**63 + 5, 2**64 - 1):
+        assert np.array_equal(S.permute(idx, n, key), S.permute_reference(idx, n, key))
+    with pytest.raises(IndexError):
+        S.permute(np.array([n], dtype=np.int64), n, 0)
+
+
 def test_batches_deterministic_resumable_and_global(tmp_path):
     x = torch.randn(1000, 2, 4)
     write_store(tmp_path / "s", x, dtype="float32", shard_rows=100)
@@ -134,6 +145,12 @@ def test_batches_deterministic_resumable_and_global(tmp_path):
     for k in range(13, 20):
         torch.testing.assert_close(next(resumed), first[k], rtol=0, atol=0)
     resumed.close()
+    assert not r.readahead  # a 32 KiB store stays in the page cache: no madvise per row
+    r.readahead = True  # the path a store larger than RAM takes reads the same batches
+    ahead = r.batches(B, seed=3)
+    for k in range(20):
+        torch.testing.assert_close(next(ahead), first[k], rtol=0, atol=0)
+    ahead.close()
     other = next(iter(r.batches(B, seed=4, prefetch=0)))
     assert not torch.equal(other, first[0])
     # batch content is exactly the rows batch_rows names
