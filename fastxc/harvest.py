@@ -5,9 +5,9 @@
 
 Pipeline (every step deterministic, so a killed run resumes to the identical store):
 
-1. datasets: each ``--dataset SPEC`` (``path_or_id[:proportion]``) is a stream of texts read
-   with ``datasets`` (streaming; local .json/.jsonl/.parquet/.txt files, local dataset folders
-   or hub ids). Each document is tokenized without special tokens, cut into chunks of
+1. datasets: each ``--dataset SPEC`` (``path_or_id[@config][#split][:proportion]``, split
+   ``train`` unless given) is a stream of texts read with ``datasets`` (streaming; local
+   .json/.jsonl/.parquet/.txt files, local dataset folders or hub ids). Each document is tokenized without special tokens, cut into chunks of
    ``context_length - 1`` tokens (``context_length`` when the tokenizer has no BOS) and each
    chunk gets the BOS token in front. The mixer takes the next chunk from the dataset that is
    furthest below its share of the tokens so far, so the proportions hold to within one chunk.
@@ -67,10 +67,30 @@ class DatasetSpec:
     spec: str
     path: str
     proportion: float
+    config: str | None = None  # the hub dataset's configuration (subset), e.g. "default"
+    split: str = "train"
+
+
+def _config_and_split(spec: str, path: str) -> tuple[str, str | None, str]:
+    """``"org/name@cfg#test"`` -> ("org/name", "cfg", "test"); a path that exists is taken whole."""
+    if Path(path).exists():
+        return path, None, "train"
+    split, config = "train", None
+    head, sep, tail = path.rpartition("#")
+    if sep:
+        if not head or not tail:
+            raise HarvestError(f"dataset {spec!r}: '#' must sit between the dataset and a split name")
+        path, split = head, tail
+    head, sep, tail = path.rpartition("@")
+    if sep:
+        if not head or not tail:
+            raise HarvestError(f"dataset {spec!r}: '@' must sit between the dataset and a config name")
+        path, config = head, tail
+    return path, config, split
 
 
 def parse_dataset_specs(specs: Sequence[str]) -> list[DatasetSpec]:
-    """``["a.jsonl:0.3", "b.jsonl:0.7"]`` -> specs with proportions summing to 1.
+    """``["a.jsonl:0.3", "org/name@cfg#validation:0.7"]`` -> specs with proportions summing to 1.
 
     Without any proportion the datasets share equally; giving some but not all is an error.
     """
@@ -88,22 +108,22 @@ def parse_dataset_specs(specs: Sequence[str]) -> list[DatasetSpec]:
                 pass
         if prop is not None and (not math.isfinite(prop) or prop <= 0):
             raise HarvestError(f"dataset {s!r}: the proportion must be a positive number")
-        parsed.append((s, path, prop))
+        parsed.append((s, *_config_and_split(s, path), prop))
     if len(parsed) > 255:  # the per-row dataset index is stored as uint8
         raise HarvestError(f"at most 255 datasets, got {len(parsed)}")
-    given = [p for _, _, p in parsed if p is not None]
+    given = [p for *_, p in parsed if p is not None]
     if given and len(given) != len(parsed):
         raise HarvestError("give a proportion for every dataset or for none "
-                           f"(got {', '.join(s for s, _, _ in parsed)})")
+                           f"(got {', '.join(s for s, *_ in parsed)})")
     props = given if given else [1.0] * len(parsed)
     total = sum(props)
-    return [DatasetSpec(s, p, w / total) for (s, p, _), w in zip(parsed, props)]
+    return [DatasetSpec(s, p, w / total, c, sp) for (s, p, c, sp, _), w in zip(parsed, props)]
 
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
 
-def load_text_dataset(path: str):
+def load_text_dataset(path: str, config: str | None = None, split: str = "train"):
     """An iterable ``datasets`` dataset (streaming) for a local file/folder or a hub id."""
     import datasets
 
@@ -113,12 +133,14 @@ def load_text_dataset(path: str):
             ext = "".join(p.suffixes[-1:]).lower()
             if ext not in _BUILDERS:
                 raise HarvestError(f"dataset {path}: unknown file type {ext!r}; use .json, .jsonl, .parquet or .txt")
+            if config is not None or split != "train":
+                raise HarvestError(f"dataset {path}: a single file has no config or split to choose")
             return datasets.load_dataset(_BUILDERS[ext], data_files=str(p), split="train", streaming=True)
         if p.is_dir():
-            return datasets.load_dataset(str(p), split="train", streaming=True)
+            return datasets.load_dataset(str(p), config, split=split, streaming=True)
         if p.suffix.lower() in _BUILDERS or path.startswith((".", "/", "~")):
             raise HarvestError(f"dataset file not found: {path}")
-        return datasets.load_dataset(path, split="train", streaming=True)
+        return datasets.load_dataset(path, config, split=split, streaming=True)
     except HarvestError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
@@ -128,7 +150,7 @@ def load_text_dataset(path: str):
 def iter_texts(spec: DatasetSpec, text_field: str, seed: int = 0, shuffle_buffer: int = 0) -> Iterator[tuple[int, str]]:
     """(record index, text) of every record of the dataset, in stream order (optionally
     shuffled through a seeded buffer). Records with an empty text are skipped."""
-    ds = load_text_dataset(spec.path)
+    ds = load_text_dataset(spec.path, spec.config, spec.split)
     if shuffle_buffer > 0:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
     for i, rec in enumerate(ds):
@@ -149,7 +171,7 @@ def check_dataset(spec: DatasetSpec, text_field: str) -> None:
     """Open the dataset and read its first record: a missing file, an empty dataset or a
     missing text field fails here, before any model is loaded."""
     try:
-        first = next(iter(load_text_dataset(spec.path)), None)
+        first = next(iter(load_text_dataset(spec.path, spec.config, spec.split)), None)
     except HarvestError:
         raise
     except Exception as e:
@@ -640,7 +662,7 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
     manifest = build_manifest(
         widths=widths, dtype=dtype, shards=shards, sources=sources,
         tokenizer=tokenizer_info(tok),
-        datasets=[{"spec": s.spec, "path": s.path, "proportion": s.proportion, "rows": int(r)}
+        datasets=[{"spec": s.spec, "path": s.path, "config": s.config, "split": s.split, "proportion": s.proportion, "rows": int(r)}
                   for s, r in zip(specs, ds_rows)],
         seed=int(seed), dropped_outliers=int(dropped), outlier_factor=float(outlier_factor),
         context_length=int(context_length), text_field=text_field, model_dtype=model_dtype,
@@ -666,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="decoder layer whose input is captured (default: half depth)")
     p.add_argument("--layers", default=None, help="several layers of each model as sources, e.g. 2,4,6")
     p.add_argument("--dataset", action="append", default=[], metavar="SPEC",
-                   help="path_or_id[:proportion]; repeat to mix (e.g. traces.jsonl:0.5 general.jsonl:0.5)")
+                   help="path_or_id[@config][#split][:proportion]; repeat to mix (e.g. traces.jsonl:0.5 "
+                        "org/corpus@default#train:0.5); split defaults to train")
     p.add_argument("--text-field", default="text", help="dataset field with the text (default: text)")
     p.add_argument("--tokens", type=int, required=True, help="token positions to store")
     p.add_argument("--out", required=True, help="store directory")

@@ -256,6 +256,33 @@ def test_parse_dataset_specs():
         H.parse_dataset_specs(["a:0.5", "b"])
     with pytest.raises(HarvestError, match="positive"):
         H.parse_dataset_specs(["a:0"])
+    s = H.parse_dataset_specs(["org/name@cfg#validation", "org/other#test", "org/x@c"])
+    assert [(x.path, x.config, x.split) for x in s] == [("org/name", "cfg", "validation"),
+                                                         ("org/other", None, "test"), ("org/x", "c", "train")]
+    with pytest.raises(HarvestError, match="split name"):
+        H.parse_dataset_specs(["org/name#"])
+
+
+def test_dataset_config_and_split_are_read(tmp_path):
+    """``DIR@config#split`` reads that config's split (a local folder laid out like a hub
+    dataset, with its configs declared in the README, as on the hub)."""
+    root = tmp_path / "corpus"
+    for cfg in ("short", "long"):
+        for split in ("train", "test"):
+            (root / cfg).mkdir(parents=True, exist_ok=True)
+            with open(root / cfg / f"{split}.jsonl", "w") as f:
+                for i in range(3):
+                    f.write(json.dumps({"text": f"{cfg} {split} {i}"}) + "\n")
+    yaml = "".join(f"- config_name: {c}\n  data_files:\n"
+                   + "".join(f"  - split: {sp}\n    path: {c}/{sp}.jsonl\n" for sp in ("train", "test"))
+                   for c in ("short", "long"))
+    (root / "README.md").write_text(f"---\nconfigs:\n{yaml}---\n")
+    spec, = H.parse_dataset_specs([f"{root}@long#test"])
+    assert [t for _, t in H.iter_texts(spec, "text")] == ["long test 0", "long test 1", "long test 2"]
+    spec, = H.parse_dataset_specs([f"{root}@short"])
+    assert [t for _, t in H.iter_texts(spec, "text")][0] == "short train 0"
+    with pytest.raises(HarvestError, match="no config or split"):
+        H.check_dataset(H.parse_dataset_specs([f"{root / 'long' / 'test.jsonl'}#test"])[0], "text")
 
 
 def test_outlier_positions_dropped_and_counted(tmp_path, zoo):
