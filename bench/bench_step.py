@@ -1,11 +1,15 @@
 """Full crosscoder training step on the CPU (forward, backward, fused Adam), one group:
 
-    fast          fastxc.kernels: topk_encode + crosscoder_loss (C++ kernels from fastxc._C)
-    fast-torch    the same ops with the C++ kernels disabled (torch-only CPU path)
+    fast          fastxc.kernels: topk_encode + crosscoder_loss (C++ kernels from fastxc._C),
+                  Adam stepped inside backward (fastxc.optim.AdamInBackward)
+    crosscoder    the same through fastxc.Crosscoder, as fastxc.train runs it
+    fast-torch    the kernels' ops with the C++ kernels disabled (torch-only CPU path)
     embbag        sparse-decoder step built from torch's embedding_bag and index_add_
                   (the approach of the fastest current SAE trainers)
     dense         the plain-torch crosscoder step (dense [B, F] code, dense decode GEMM)
-    gemm          a bare torch.mm of the encoder GEMM shape: the floor
+    gemm          a bare torch.mm of the encoder GEMM shape into a preallocated output: the
+                  floor (a fresh 64 MiB output per call would add ~30 ms of page faults that
+                  the fast path, which reuses its buffers, does not pay)
 
 Shape (issue 3): topk, B = 1024, two sources of width 512, F = 16384, k = 32, fp32.
 A second group compares relu with a sparse code (L0 <= 1% of F) against the dense relu step.
@@ -26,6 +30,8 @@ import torch
 import torch.nn.functional as Fn
 
 import fastxc.kernels as K
+from fastxc import Crosscoder
+from fastxc.optim import AdamInBackward
 
 B, WIDTHS, F, KK = 1024, (512, 512), 16384, 32
 D = sum(WIDTHS)
@@ -36,7 +42,7 @@ _floor: dict[str, float] = {}
 class Model:
     """Crosscoder parameters (feature-major W_enc, W_dec [F, D]) and a fused Adam."""
 
-    def __init__(self, relu_bias=0.0, seed=0):
+    def __init__(self, relu_bias=0.0, seed=0, in_backward=False):
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(F, D, generator=g)
         w /= w.norm(dim=1, keepdim=True) * 10
@@ -45,8 +51,21 @@ class Model:
         self.W_dec = torch.nn.Parameter(w.clone())
         self.b_dec = torch.nn.Parameter(torch.zeros(D))
         self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
-        self.opt = torch.optim.Adam(self.params, lr=1e-4, fused=True)
+        self.opt = (AdamInBackward(self.params, lr=1e-4) if in_backward
+                    else torch.optim.Adam(self.params, lr=1e-4, fused=True))
         self.x = torch.randn(B, D, generator=g)
+        self.out = torch.empty(B, F) if not in_backward else None  # the floor's GEMM output
+
+
+class CrosscoderModel:
+    """fastxc.Crosscoder with the optimizer fastxc.train uses."""
+
+    def __init__(self, seed=0):
+        torch.manual_seed(seed)
+        self.cc = Crosscoder(list(WIDTHS), F, "topk", k=KK)
+        self.params = list(self.cc.parameters())
+        self.opt = AdamInBackward(self.params, lr=1e-4)
+        self.x = torch.randn(B, D)
 
 
 def step_fast(m: Model):
@@ -120,7 +139,12 @@ def step_dense(m: Model):
 
 
 def step_gemm(m: Model):
-    torch.mm(m.x, m.W_enc.detach().t())
+    torch.mm(m.x, m.W_enc.detach().t(), out=m.out)
+
+
+def step_crosscoder(m: CrosscoderModel):
+    m.cc(m.x).loss.backward()
+    m.opt.step()
 
 
 def _norms(W):
@@ -150,8 +174,15 @@ def _machine():
             "torch": torch.__version__}
 
 
-STEPS = {"gemm": step_gemm, "fast": step_fast, "fast-torch": step_fast, "embbag": step_embbag,
-         "dense": step_dense}
+STEPS = {"gemm": step_gemm, "fast": step_fast, "crosscoder": step_crosscoder, "fast-torch": step_fast,
+         "embbag": step_embbag, "dense": step_dense}
+IN_BACKWARD = {"fast", "fast-torch"}
+
+
+def make(provider: str):
+    if provider == "crosscoder":
+        return CrosscoderModel()
+    return Model(in_backward=provider in IN_BACKWARD)
 
 
 @pytest.fixture
@@ -163,7 +194,7 @@ def no_c(monkeypatch):
 @pytest.mark.parametrize("provider", list(STEPS))
 def test_step_topk(benchmark, provider, no_c):
     no_c(provider == "fast-torch")
-    m = Model()
+    m = make(provider)
     fn = STEPS[provider]
     with torch.no_grad() if provider == "gemm" else torch.enable_grad():
         benchmark.pedantic(fn, args=(m,), rounds=ROUNDS, warmup_rounds=1)
@@ -226,23 +257,24 @@ def peak_during(fn):
 
 
 @pytest.mark.benchmark(group="step-peak-memory")
-@pytest.mark.parametrize("provider", ["fast", "embbag", "dense"])
+@pytest.mark.parametrize("provider", ["fast", "crosscoder", "embbag", "dense"])
 def test_step_peak_memory(benchmark, provider):
     """Peak memory of one training step above the persistent state.
 
-    Before the step the process holds the parameters and the Adam moments; the step adds the
-    gradients (written once: 2 x [F, D] + biases) and its transients. Target (issue 3, with the
-    gradients counted with the optimizer state): transients <= 1.2 x one [B, F] fp32 buffer.
+    Before the step the process holds the parameters and the Adam moments. Target (issue 3):
+    the step adds <= 1.2 x one [B, F] fp32 buffer. fast / crosscoder step Adam inside backward,
+    so no [F, D] gradient outlives its parameter's update, and the one pooled large buffer
+    serves the encoder's [B, F] output and then each weight gradient in turn. embbag and dense
+    keep both gradients until optimizer.step(), as the usual loop does.
     """
-    m = Model()
+    m = make(provider)
     fn = STEPS[provider]
     fn(m)  # Adam state exists from here on
-    grads = sum(p.numel() * 4 for p in m.params)
+    params = sum(p.numel() * 4 for p in m.params)
     bf = B * F * 4
     peaks = []
     benchmark.pedantic(lambda: peaks.append(peak_during(lambda: fn(m))), rounds=2, warmup_rounds=0)
     peak = min(peaks)
     benchmark.extra_info.update(
-        peak_above_state_MiB=peak / 2**20, grads_MiB=grads / 2**20, one_BF_buffer_MiB=bf / 2**20,
-        transient_over_BF=(peak - grads) / bf, params_MiB=grads / 2**20,
-        adam_state_MiB=2 * grads / 2**20)
+        peak_above_state_MiB=peak / 2**20, one_BF_buffer_MiB=bf / 2**20, peak_over_BF=peak / bf,
+        params_MiB=params / 2**20, adam_state_MiB=2 * params / 2**20)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F_
@@ -38,17 +38,40 @@ RELU_DENSE_STEPS = 100
 CONFIG_VERSION = 1
 
 
-class CrosscoderOutput(NamedTuple):
-    """What ``Crosscoder.forward`` returns. Scalars are 0-dim tensors."""
+class CrosscoderOutput:
+    """What ``Crosscoder.forward`` returns. Scalars are 0-dim tensors.
 
-    recon: Tensor  # same shape as the input: [B, D] or [B, n, d]
-    code: Tensor  # [B, F] dense feature activations
-    loss: Tensor  # total loss that training backpropagates: sum(mse) + sparsity + aux_coef * aux
-    mse: Tensor  # [n_sources] mean over the batch of ||recon_i - x_i||^2
-    fvu: Tensor  # [n_sources] fraction of variance unexplained per source (detached)
-    sparsity: Tensor  # l1_coef * decoder-norm-weighted L1 (relu), else 0
-    aux: Tensor  # AuxK loss before aux_coef (0 when off or no dead features)
-    l0: Tensor  # mean number of active features per row (detached)
+    recon     same shape as the input: [B, D] or [B, n, d]
+    code      [B, F] dense feature activations (differentiable). The fused path keeps the code
+              sparse, ``vals``/``idx`` [B, m], and makes the dense one only when ``code`` is
+              read, so a training step holds no [B, F] tensor
+    loss      total loss that training backpropagates: sum(mse) + sparsity + aux_coef * aux
+    mse       [n_sources] mean over the batch of ||recon_i - x_i||^2
+    fvu       [n_sources] fraction of variance unexplained per source (detached)
+    sparsity  l1_coef * decoder-norm-weighted L1 (relu), else 0
+    aux       AuxK loss before aux_coef (0 when off or no dead features)
+    l0        mean number of active features per row (detached)
+    """
+
+    __slots__ = ("recon", "_code", "loss", "mse", "fvu", "sparsity", "aux", "l0", "vals", "idx", "n_features")
+
+    def __init__(self, recon: Tensor, code: Tensor | None, loss: Tensor, mse: Tensor, fvu: Tensor,
+                 sparsity: Tensor, aux: Tensor, l0: Tensor, vals: Tensor | None = None,
+                 idx: Tensor | None = None, n_features: int | None = None):
+        if code is None and (vals is None or idx is None or n_features is None):
+            raise ValueError("CrosscoderOutput needs the dense code or (vals, idx, n_features)")
+        self.recon, self._code, self.loss, self.mse, self.fvu = recon, code, loss, mse, fvu
+        self.sparsity, self.aux, self.l0 = sparsity, aux, l0
+        self.vals, self.idx, self.n_features = vals, idx, n_features
+
+    @property
+    def code(self) -> Tensor:
+        if self._code is None:
+            # scatter_add, not scatter: relu pads rows with (id 0, value 0) entries, which must
+            # not overwrite a real value of feature 0
+            v = self.vals
+            self._code = v.new_zeros(v.shape[0], self.n_features).scatter_add(1, self.idx, v)
+        return self._code
 
 
 class Crosscoder(nn.Module):
@@ -337,15 +360,12 @@ class Crosscoder(nn.Module):
             aux = self._aux_loss_sparse(x2, recon2 - x2)
             loss = loss + self.aux_coef * aux
 
-        # the dense code for callers that inspect it; differentiable, never used by the loss's
-        # backward. scatter_add, not scatter: relu pads rows with (id 0, value 0) entries, which
-        # must not overwrite a real value of feature 0.
-        f = torch.zeros(x2.shape[0], self.n_features, dtype=vals.dtype, device=x2.device).scatter_add(1, idx, vals)
         with torch.no_grad():
             fvu = self.fvu(x2, recon2)
             l0 = active.sum(dim=1).float().mean()
         recon = recon2.view_as(x) if x.dim() == 3 else recon2
-        return CrosscoderOutput(recon, f, loss, out.mse, fvu, sparsity, aux, l0)
+        return CrosscoderOutput(recon, None, loss, out.mse, fvu, sparsity, aux, l0, vals=vals, idx=idx,
+                                n_features=self.n_features)
 
     def _aux_loss_sparse(self, x2: Tensor, err: Tensor) -> Tensor:
         """``aux_loss`` without the dense pre-activation: only the dead features' columns of the

@@ -12,6 +12,7 @@ with neither, the embedded default. Outputs in ``--out``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,6 +29,7 @@ import torch
 
 from fastxc import distributed as dist_
 from fastxc.errors import report
+from fastxc.optim import AdamInBackward, adam
 from fastxc.crosscoder import ACTIVATIONS, Crosscoder
 from fastxc.diff import CLASS_NAMES, classify, relative_norms, text_histogram
 
@@ -272,11 +274,21 @@ def l1_at(cfg: TrainConfig, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _make_optimizer(model: Crosscoder, cfg: TrainConfig) -> torch.optim.Optimizer:
-    try:  # the fused kernel updates all parameters in one pass (CPU and CUDA in torch >= 2.4)
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
+def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig, ctx) -> torch.optim.Optimizer | AdamInBackward:
+    """Adam, fused where the device has it. One process: stepped inside backward, so only one
+    [F, D] gradient is ever alive (fastxc.optim); distributed: after the gradient collectives."""
+    if ctx is None:
+        return AdamInBackward(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    return adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+
+
+@contextlib.contextmanager
+def _hooks_removed(opt):
+    try:
+        yield
+    finally:
+        if isinstance(opt, AdamInBackward):
+            opt.remove()
 
 
 def save_checkpoint(out: Path, model: Crosscoder, opt: torch.optim.Optimizer, state: dict) -> None:
@@ -403,7 +415,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if data.scales is not None:
         model.input_scale.copy_(torch.as_tensor(data.scales, dtype=torch.float32))
     model = dist_.wrap(model, ctx)
-    opt = _make_optimizer(model, cfg)
+    opt = _make_optimizer(model, cfg, ctx)
 
     step, skipped, bad_run = 0, 0, 0
     metrics_path = out / "metrics.jsonl"
@@ -432,7 +444,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar = _progress(cfg, step) if main else _NoBar()
     t_last, tokens_last = time.perf_counter(), 0
     window: list[dict] = []
-    with open(metrics_path if main else os.devnull, "a") as metrics_file:
+    # the in-backward optimizer's hooks come off the model when the loop ends, however it ends
+    with open(metrics_path if main else os.devnull, "a") as metrics_file, _hooks_removed(opt):
         while step < cfg.steps:
             x = _to_device(next(batches), device)
             if not torch.isfinite(x).all():
