@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastxc.errors import report
 from fastxc.store import (MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype)
 
 log = logging.getLogger("fastxc.harvest")
@@ -729,8 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        shuffle_buffer=args.shuffle_buffer, overwrite=args.overwrite,
                        ignore_special_tokens=args.ignore_special_tokens)
     except (ValueError, OSError) as e:  # HarvestError / StoreError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     m = json.loads((path / MANIFEST).read_text())
     print(f"store: {path}  ({m['n_rows']} tokens, sources {[s['name'] for s in m['sources']]}, "
           f"widths {m['widths']}, dtype {m['dtype']}, {m['dropped_outliers']} outlier positions dropped)")
