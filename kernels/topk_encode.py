@@ -7,7 +7,13 @@ Backward (G = dL/dvals masked by the activation, k non-zeros per row; never a de
     dW_enc = G^T x   scatter by feature (``sparse_decode.scatter_rows``: each row written once)
     db_enc = scatter-add of G over idx
     dx     = sum_j G[b, j] * W_enc[idx[b, j]]   (the gather-sum of the decoder's forward)
-Selection uses ``torch.topk`` on both paths (BatchTopK over the flattened batch).
+TopK selection is fused into the GEMM: on the Triton path each [BLOCK_M, BLOCK_N] output tile
+keeps only its rows' top-k candidates (``_encode_topk_kernel``: value and feature id packed in
+one sortable int64, ``tl.topk`` in the epilogue), so no [B, F] tensor is written; a final
+``torch.topk`` over the [B, F / BLOCK_N * k'] candidates picks the k. On the CPU the GEMM runs
+in row chunks and a C++ bounded heap selects from each chunk while it is in cache.
+BatchTopK and ReLU keep ``torch.topk`` / a mask over the [B, F] pre-activation (BatchTopK needs
+the whole batch's values).
 """
 from __future__ import annotations
 
@@ -79,6 +85,89 @@ def _encode_fwd_kernel(
 _encode_fwd_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["B", "F", "D"])(_encode_fwd_kernel)
 
 
+@triton.jit
+def _encode_topk_kernel(
+    x_ptr,  # [B, D] input rows
+    w_ptr,  # [F, D] encoder, feature-major
+    b_ptr,  # [F] bias
+    cand_ptr,  # [B, n_tiles * KP] int64: each tile's top-KP (value, feature) keys per row
+    B, F, D, n_cand,
+    KP: tl.constexpr,  # candidates per tile and row: next power of two >= k, <= BLOCK_N
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < B
+    mask_n = offs_n < F
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * D + offs_k[:, None],
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc += tl.dot(a, w, input_precision="ieee")
+    acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    # float -> int32 with the same order (negative floats: flip the magnitude bits), then the
+    # feature id in the low 32 bits: one int64 sort key carries value and index together
+    bits = acc.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    key = (key << 32) | offs_n.to(tl.int64)[None, :]
+    key = tl.where(mask_n[None, :], key, -9223372036854775807 - 1)  # padding columns: never picked
+    top = tl.topk(key, KP)  # [BLOCK_M, KP]
+    offs_c = pid_n * KP + tl.arange(0, KP)
+    tl.store(cand_ptr + offs_m[:, None].to(tl.int64) * n_cand + offs_c[None, :], top, mask=mask_m[:, None])
+
+
+_TOPK_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+_encode_topk_tuned = triton.autotune(configs=_TOPK_GPU_CONFIGS, key=["B", "F", "D", "KP"])(_encode_topk_kernel)
+
+
+def _unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys of ``_encode_topk_kernel`` -> (float32 values, int64 feature ids)."""
+    hi = (keys >> 32).to(torch.int32)
+    bits = torch.where(hi < 0, hi ^ 0x7FFFFFFF, hi)
+    return bits.view(torch.float32), keys & 0xFFFFFFFF
+
+
+def _triton_topk(x, W, b, k: int):
+    """Fused GEMM + bias + top-k -> (pre values [B, k] float32, idx [B, k] int64), unsorted."""
+    B, D = x.shape
+    F = W.shape[0]
+    kp = triton.next_power_of_2(k)
+    # the candidate buffer holds F / BLOCK_N * kp keys per row: a wide tile keeps it small
+    bn = max(64 if _dispatch.interpreting() else 128, kp)
+    n_tiles = triton.cdiv(F, bn)
+    n_cand = n_tiles * kp
+    cand = torch.empty(B, n_cand, dtype=torch.int64, device=x.device)
+    if B == 0:
+        return torch.empty(0, k, dtype=torch.float32, device=x.device), torch.empty(0, k, dtype=torch.int64, device=x.device)
+    x, W, b = x.contiguous(), W.contiguous(), b.contiguous()
+    if _dispatch.interpreting():
+        c = {"BLOCK_M": 16, "BLOCK_K": 32}
+        _encode_topk_kernel[(triton.cdiv(B, c["BLOCK_M"]), n_tiles)](
+            x, W, b, cand, B, F, D, n_cand, KP=kp, UPCAST=True, BLOCK_N=bn, **c)
+    else:
+        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_tiles)  # noqa: E731
+        _encode_topk_tuned[grid](x, W, b, cand, B, F, D, n_cand, KP=kp, BLOCK_N=bn,
+                                 UPCAST=x.dtype not in (torch.float16, torch.bfloat16, torch.float32))
+    keys = cand.topk(k, dim=1, sorted=False).values if n_cand > k else cand[:, :k]
+    return _unpack_keys(keys)
+
+
 def _triton_pre(x, W, b, theta=None):
     """[B, F] float32 pre-activation (thresholded when theta [F] is given)."""
     B, D = x.shape
@@ -134,7 +223,7 @@ def select(x, W, b, mode: str, k: int, theta, backend: str):
     B = x.shape[0]
     if mode == "topk":
         if backend == "triton":
-            v, i = torch.topk(_triton_pre(x, W, b), k, dim=1, sorted=False)
+            v, i = _triton_topk(x, W, b, k)
             return torch.relu_(v), i, None
         vals = torch.empty(B, k, dtype=torch.float32, device=x.device)
         idx = torch.empty(B, k, dtype=torch.int64, device=x.device)
