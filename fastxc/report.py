@@ -35,7 +35,23 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px sol
 th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 .ctx{font-family:ui-monospace,Menlo,monospace;font-size:.85em;white-space:pre-wrap;margin:.15em 0}
 .tok{border-radius:2px}.focus{outline:1px solid #c00}.muted{color:#777;font-size:.9em}
+#missing{background:#fee;border:1px solid #c00;padding:.5em}
 """
+# Once the page has loaded, count the images the browser could not show (a linked page moved
+# without its _files folder) and say so at the top; body[data-images] records "ok" or the
+# count, which the headless-browser test reads.
+_CHECK_IMAGES = """<script>
+window.addEventListener("load", function () {
+  var bad = Array.prototype.filter.call(document.images, function (im) { return !(im.complete && im.naturalWidth > 0); });
+  document.body.setAttribute("data-images", bad.length ? "missing:" + bad.length : "ok");
+  if (bad.length) {
+    var p = document.createElement("p");
+    p.id = "missing";
+    p.textContent = bad.length + " image(s) could not be loaded: keep the page beside its _files folder.";
+    document.body.insertBefore(p, document.body.firstChild);
+  }
+});
+</script>"""
 
 
 def _esc(s) -> str:
@@ -219,7 +235,7 @@ def build_report(folders: dict[str, str | Path], out: str | Path, title: str = "
         body.append(f'<section id="{key}"><h2>{_esc(name)}</h2>{fn(present[key], img)}</section>')
     body.insert(1, f"<ul>{''.join(toc)}</ul>")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{_CSS}</style>{_CHECK_IMAGES}</head><body>{''.join(body)}</body></html>\n")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
