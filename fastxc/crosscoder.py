@@ -288,8 +288,7 @@ class Crosscoder(nn.Module):
         """
         x2 = self.flatten_input(x)
         self._calls += 1
-        if _dispatch.choose(x2, backend=self.backend) != "reference" and not (
-                self.activation == "relu" and self._calls < self._relu_dense_until):
+        if self.use_fused(x2):
             return self._forward_fast(x, x2, l1_coef)
         pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
         f = self.activate(pre)
@@ -323,9 +322,15 @@ class Crosscoder(nn.Module):
         recon = recon2.view_as(x) if x.dim() == 3 else recon2
         return CrosscoderOutput(recon, f, loss, mse, fvu, sparsity, aux, l0)
 
-    def _forward_fast(self, x: Tensor, x2: Tensor, l1_coef: float | None) -> CrosscoderOutput:
-        """The same outputs and gradients as the reference path, through sparse fused ops:
-        the code stays (vals, idx) [B, m]; no dense [B, F] tensor takes part in backward."""
+    def use_fused(self, x2: Tensor) -> bool:
+        """Whether this call takes the fused sparse ops (not the reference backend, and not a
+        relu crosscoder in its dense phase: one whose code was too wide to pay off sparse)."""
+        return _dispatch.choose(x2, backend=self.backend) != "reference" and not (
+            self.activation == "relu" and self._calls < self._relu_dense_until)
+
+    def sparse_code(self, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """x2 [B, D] -> the code as (vals, idx) [B, m] through the fused encode ops (batchtopk:
+        over this batch while training, the running threshold at inference)."""
         bk = self.backend
         if self.activation == "topk":
             vals, idx = K.topk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
@@ -341,12 +346,22 @@ class Crosscoder(nn.Module):
             if thr < 0:
                 raise RuntimeError("batchtopk crosscoder has no running threshold yet: train it (or call .train()) first")
             vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, threshold=thr, backend=bk)
+        return vals, idx
 
+    def sparse_loss(self, vals: Tensor, idx: Tensor, x2: Tensor, l1_coef: float | None):
+        """The fused loss of a sparse code -> (loss, recon2 [B, D], mse [n], sparsity): loss is
+        sum(mse) (+ the relu decoder-norm penalty, whose mean over rows is ``sparsity``)."""
         coef = (self.l1_coef if l1_coef is None else float(l1_coef)) if self.activation == "relu" else 0.0
-        out = K.crosscoder_loss(vals, idx, self.W_dec, self.b_dec, x2, self.widths, coef, backend=bk)
-        loss, recon2 = out.loss, out.recon
+        out = K.crosscoder_loss(vals, idx, self.W_dec, self.b_dec, x2, self.widths, coef, backend=self.backend)
+        sparsity = coef * out.penalty / x2.shape[0] if self.activation == "relu" else out.loss.new_zeros(())
+        return out.loss, out.recon, out.mse, sparsity
+
+    def _forward_fast(self, x: Tensor, x2: Tensor, l1_coef: float | None) -> CrosscoderOutput:
+        """The same outputs and gradients as the reference path, through sparse fused ops:
+        the code stays (vals, idx) [B, m]; no dense [B, F] tensor takes part in backward."""
+        vals, idx = self.sparse_code(x2)
+        loss, recon2, mse, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
         zero = loss.new_zeros(())
-        sparsity = coef * out.penalty / x2.shape[0] if self.activation == "relu" else zero
 
         active = vals > 0
         if self.training:
@@ -364,12 +379,14 @@ class Crosscoder(nn.Module):
             fvu = self.fvu(x2, recon2)
             l0 = active.sum(dim=1).float().mean()
         recon = recon2.view_as(x) if x.dim() == 3 else recon2
-        return CrosscoderOutput(recon, None, loss, out.mse, fvu, sparsity, aux, l0, vals=vals, idx=idx,
+        return CrosscoderOutput(recon, None, loss, mse, fvu, sparsity, aux, l0, vals=vals, idx=idx,
                                 n_features=self.n_features)
 
-    def _aux_loss_sparse(self, x2: Tensor, err: Tensor) -> Tensor:
+    def _aux_loss_sparse(self, x2: Tensor, err: Tensor, denom: Tensor | None = None) -> Tensor:
         """``aux_loss`` without the dense pre-activation: only the dead features' columns of the
-        encoder GEMM are computed ([B, n_dead]) and their code is decoded sparsely."""
+        encoder GEMM are computed ([B, n_dead]) and their code is decoded sparsely. ``denom``:
+        the residual variance to normalise by (default: this batch's; data parallel passes the
+        global batch's)."""
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -380,7 +397,8 @@ class Crosscoder(nn.Module):
         vals, j = pre_d.topk(k_aux, dim=-1, sorted=False)
         e_hat = K.sparse_decode(F_.relu(vals), dead_idx[j], self.W_dec, backend=self.backend)
         target = -err.detach()  # x - recon
-        denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+        if denom is None:
+            denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
         return (e_hat - target).pow(2).sum(dim=1).mean() / denom
 
     def dead_mask(self) -> Tensor:

@@ -10,7 +10,9 @@ its rows), and the gradients are averaged with all_reduce, so W ranks take the s
 one process on the same global batch. What is a statistic of the batch is computed over the
 global batch: batchtopk's k*B selection (each rank's top k*B candidates are all-gathered and the
 (k*B)-th largest value is the global threshold), the AuxK residual variance, the dead-feature
-counters and the reported loss / FVU / L0.
+counters and the reported loss / FVU / L0. The forward runs the fused sparse ops of
+``fastxc.kernels`` as ``Crosscoder.forward`` does (topk, relu; batchtopk's training step stays
+dense, since its threshold needs the whole global batch's pre-activations).
 
 Feature parallel (``features``): rank r owns features [F*r/W, F*(r+1)/W): its rows of W_enc,
 b_enc, W_dec, their Adam state and dead-feature counters; b_dec is replicated. Every rank sees
@@ -292,27 +294,41 @@ class DataParallelCrosscoder(Crosscoder):
         W = self.world_size
         x2 = self.flatten_input(x)
         b = x2.shape[0]
-        pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
-        f = self.activate(pre)
-        recon2 = self.decode(f)
-        err = recon2 - x2
-        mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
-        loss = mse.sum()
+        self._calls += 1
+        # the fused sparse ops of fastxc.kernels, as Crosscoder.forward, except for training
+        # batchtopk, whose threshold is a statistic of the global batch (dense path below)
+        fused = (self.activation != "batchtopk" or not self.training) and self.use_fused(x2)
+        pre = f = vals = idx = None
+        if fused:
+            vals, idx = self.sparse_code(x2)
+            loss, recon2, mse, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
+            active = vals > 0
+            fired = torch.zeros(self.n_features, dtype=torch.bool, device=x2.device)
+            fired[idx[active]] = True
+            err = recon2 - x2
+        else:
+            pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
+            f = self.activate(pre)
+            recon2 = self.decode(f)
+            err = recon2 - x2
+            mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
+            loss = mse.sum()
+            sparsity = loss.new_zeros(())
+            if self.activation == "relu":
+                coef = self.l1_coef if l1_coef is None else float(l1_coef)
+                sparsity = coef * self.sparsity_penalty(f)  # a mean over rows: the rank average is global
+                loss = loss + sparsity
+            active = f > 0
+            fired = active.any(dim=0)
         zero = loss.new_zeros(())
-        sparsity = zero
-        if self.activation == "relu":
-            coef = self.l1_coef if l1_coef is None else float(l1_coef)
-            sparsity = coef * self.sparsity_penalty(f)  # a mean over rows: the rank average is global
-            loss = loss + sparsity
 
-        active = f > 0
         use_aux = self.aux_k > 0 and self.activation in ("topk", "batchtopk") and self.training
         if self.training:
             # one all_reduce: which features fired anywhere, and the AuxK target's sums (float64
             # so that the one-pass variance matches the reference's two-pass one)
             target = -err.detach().double()
-            stats = torch.cat([active.any(dim=0).double(), target.sum(dim=0), target.pow(2).sum().view(1)]) if use_aux \
-                else active.any(dim=0).double()
+            stats = torch.cat([fired.double(), target.sum(dim=0), target.pow(2).sum().view(1)]) if use_aux \
+                else fired.double()
             _all_reduce(stats)
             with torch.no_grad():
                 self.tokens_since_fired.add_(b * W)
@@ -321,7 +337,7 @@ class DataParallelCrosscoder(Crosscoder):
         if use_aux:
             s1, s2 = stats[self.n_features : -1], stats[-1]
             denom = ((s2 - s1.pow(2).sum() / (b * W)) / (b * W)).float().clamp_min(1e-12)
-            aux = self._aux_loss_global(pre, err, denom)
+            aux = self._aux_loss_sparse(x2, err, denom) if fused else self._aux_loss_global(pre, err, denom)
             loss = loss + self.aux_coef * aux
 
         with torch.no_grad():  # global metrics in one all_reduce
@@ -342,7 +358,8 @@ class DataParallelCrosscoder(Crosscoder):
             mse_g = (err_sq / B).float()
         loss = loss + (loss_g.to(loss.dtype) - loss.detach())  # global value, this rank's gradient
         recon = recon2.view_as(x) if x.dim() == 3 else recon2
-        return CrosscoderOutput(recon, f, loss, mse_g, fvu, sparsity_g.float(), aux_g.float(), active_g.float())
+        return CrosscoderOutput(recon, f, loss, mse_g, fvu, sparsity_g.float(), aux_g.float(), active_g.float(),
+                                vals=vals, idx=idx, n_features=self.n_features)
 
     def _aux_loss_global(self, pre: Tensor, err: Tensor, denom: Tensor) -> Tensor:
         """``Crosscoder.aux_loss`` with the residual variance of the global batch (``denom``)."""

@@ -349,13 +349,14 @@ def _one_step_worker(result_path: str) -> None:
     dist_.shutdown(ctx)
 
 
-def test_one_step_every_mode_matches_reference(tmp_path):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_one_step_every_mode_matches_reference(tmp_path, backend):
+    """reference: Crosscoder's plain-torch path against the distributed modules' plain path.
+    cpu: the fused kernels (Crosscoder, and data parallel for topk / relu) against the same."""
     result = tmp_path / "worst.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    # the reference is Crosscoder's plain-torch path (the fused kernels are tested against it in
-    # test_kernels); the distributed modules are plain torch too
-    env["FASTXC_BACKEND"] = "reference"
+    env["FASTXC_BACKEND"] = backend
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
                         "--one-step-worker", str(result)], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
