@@ -25,6 +25,10 @@ the whole batch. Forward, for x [B, D] and F_r = local features:
     recon    = all_reduce_sum(code_r @ W_dec_r) + b_dec                 [B, D]
     loss     = replicated on every rank (same recon, same x)
 
+With topk and relu the rank's code stays sparse on ``fastxc.kernels`` (the local top-k comes
+from ``topk_encode``, the partial reconstruction from ``sparse_decode``, AuxK computes only
+the dead features' encoder columns); batchtopk runs the dense [B, F_r] path above.
+
 The all_reduce of the partial reconstructions is the identity in backward (every rank holds
 the whole loss, so d loss / d partial_r = d loss / d recon, already local), which gives each
 rank exactly the gradients of its rows that one process would compute. The decoder-norm
@@ -53,7 +57,9 @@ import torch.distributed as dist
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
+from fastxc import kernels as K
 from fastxc.crosscoder import Crosscoder, CrosscoderOutput
+from fastxc.kernels import _dispatch
 
 log = logging.getLogger("fastxc.distributed")
 
@@ -222,6 +228,26 @@ def global_topk_mask(scores: Tensor, k: int, lo: int) -> Tensor:
     mask = torch.zeros(B, F_r + 1, dtype=torch.bool, device=scores.device)
     mask.scatter_(1, local, True)
     return mask[:, :F_r]
+
+
+def global_topk_keep(vals: Tensor, gid: Tensor, k: int) -> Tensor:
+    """This rank's candidates (vals [B, m], their global feature ids gid [B, m]) -> bool [B, m]:
+    those among the k largest of their row over all ranks' candidates.
+
+    The sparse form of ``global_topk_mask``: each rank passes its own row-wise top-k (m <= k,
+    m = 0 allowed), so no [B, F_r] tensor is needed. Same wire format ([B, 2k] int32).
+    """
+    B, m = vals.shape
+    v = vals.detach().float()
+    g = gid.to(torch.int32)
+    if m < k:  # pad with losers (ids -1 never match a real candidate)
+        v = torch.cat([v, v.new_full((B, k - m), float("-inf"))], dim=1)
+        g = torch.cat([g, g.new_full((B, k - m), -1)], dim=1)
+    allp = _all_gather(torch.cat([v.view(torch.int32), g], dim=1).unsqueeze(0))  # [W, B, 2k]
+    all_vals = allp[..., :k].contiguous().view(torch.float32).permute(1, 0, 2).reshape(B, -1)
+    all_ids = allp[..., k:].permute(1, 0, 2).reshape(B, -1)
+    win = all_ids.gather(1, all_vals.topk(k, dim=1, sorted=False).indices)  # [B, k] global ids
+    return (gid.to(torch.int32).unsqueeze(2) == win.unsqueeze(1)).any(dim=2)
 
 
 def global_batch_threshold(relu_pre: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
@@ -450,9 +476,70 @@ class FeatureParallelCrosscoder(nn.Module):
             _update_threshold(self.threshold, top, self.threshold_momentum)
         return relu_pre * (relu_pre >= t)
 
+    def _fused(self, x2: Tensor) -> bool:
+        """topk and relu run on fastxc.kernels (training batchtopk needs the dense pre)."""
+        if self.activation == "batchtopk":
+            return False
+        return _dispatch.choose(x2) != "reference"
+
+    def _forward_fused(self, x: Tensor, x2: Tensor, l1_coef: float | None) -> CrosscoderOutput:
+        """``forward`` on the fused sparse ops: the local code stays (vals, idx) [B, m]."""
+        B, F_r = x2.shape[0], self.W_enc.shape[0]
+        if self.activation == "topk":
+            # local top-k (relu applied: entries with pre <= 0 tie at 0 and add nothing, so
+            # ranking the relu'd values picks the same code), then the global winners
+            vals, idx = K.topk_encode(x2, self.W_enc, self.b_enc, min(self.k, F_r))
+            vals = vals * global_topk_keep(vals, idx + self.lo, self.k)
+        else:
+            vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc)
+        recon2 = reduce_replicated(K.sparse_decode(vals, idx, self.W_dec)) + self.b_dec
+        err = recon2 - x2
+        mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
+        loss = mse.sum()
+        zero = loss.new_zeros(())
+        sparsity = zero
+        if self.activation == "relu":
+            coef = self.l1_coef if l1_coef is None else float(l1_coef)
+            norms = self.decoder_norms().sum(dim=1)
+            sparsity = coef * reduce_replicated((vals * norms[idx]).sum(dim=1).mean())
+            loss = loss + sparsity
+
+        active = vals > 0
+        if self.training:
+            with torch.no_grad():
+                fired = torch.zeros(F_r, dtype=torch.bool, device=x2.device)
+                fired[idx[active]] = True
+                self.tokens_since_fired.add_(B)
+                self.tokens_since_fired.masked_fill_(fired, 0)
+        dead = self.local_dead_mask()
+        counts = torch.stack([dead.sum(), active.sum()]).to(torch.float64)  # one reduce for both
+        _all_reduce(counts)
+        n_dead, n_active = int(counts[0]), counts[1]
+        aux = zero
+        if self.aux_k > 0 and self.training and n_dead > 0:
+            # only the dead features' encoder columns ([B, n_dead_r]), as Crosscoder's sparse AuxK
+            k_aux = min(self.aux_k, n_dead)
+            dead_idx = dead.nonzero().squeeze(1)
+            pre_d = torch.addmm(self.b_enc[dead_idx], x2, self.W_enc[dead_idx].t())
+            v, j = pre_d.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
+            v = F_.relu(v) * global_topk_keep(v, dead_idx[j] + self.lo, k_aux)
+            e_hat = reduce_replicated(K.sparse_decode(v, dead_idx[j], self.W_dec))
+            target = -err.detach()
+            denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+            aux = (e_hat - target).pow(2).sum(dim=1).mean() / denom
+            loss = loss + self.aux_coef * aux
+
+        with torch.no_grad():
+            fvu = self.fvu(x2, recon2)
+            l0 = (n_active / B).float()
+        recon = recon2.view_as(x) if x.dim() == 3 else recon2
+        return CrosscoderOutput(recon, None, loss, mse, fvu, sparsity, aux, l0, vals=vals, idx=idx, n_features=F_r)
+
     def forward(self, x: Tensor, l1_coef: float | None = None) -> CrosscoderOutput:
         """x [B, D] or [B, n, d], the same on every rank -> CrosscoderOutput (code: local columns)."""
         x2 = self.flatten_input(x)
+        if self._fused(x2):
+            return self._forward_fused(x, x2, l1_coef)
         B = x2.shape[0]
         pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
         f = self._select(pre)
