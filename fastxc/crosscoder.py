@@ -290,20 +290,8 @@ class Crosscoder(nn.Module):
         self._calls += 1
         if self.use_fused(x2):
             return self._forward_fast(x, x2, l1_coef)
-        pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
-        f = self.activate(pre)
-        recon2 = self.decode(f)
-
-        err = recon2 - x2
-        mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
-        loss = mse.sum()
+        pre, f, recon2, err, mse, loss, sparsity = self.dense_loss(x2, l1_coef)
         zero = loss.new_zeros(())
-
-        sparsity = zero
-        if self.activation == "relu":
-            coef = self.l1_coef if l1_coef is None else float(l1_coef)
-            sparsity = coef * self.sparsity_penalty(f)
-            loss = loss + sparsity
 
         aux = zero
         active = f > 0
@@ -321,6 +309,28 @@ class Crosscoder(nn.Module):
             l0 = active.sum(dim=1).float().mean()
         recon = recon2.view_as(x) if x.dim() == 3 else recon2
         return CrosscoderOutput(recon, f, loss, mse, fvu, sparsity, aux, l0)
+
+    def dense_loss(self, x2: Tensor, l1_coef: float | None):
+        """The plain-torch path: x2 [B, D] -> (pre [B, F], code f [B, F], recon2, err = recon2 - x2
+        [B, D], mse [n], loss = sum(mse) + sparsity, sparsity (relu's decoder-norm L1, else 0))."""
+        pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
+        f = self.activate(pre)
+        recon2 = self.decode(f)
+        err = recon2 - x2
+        mse, loss, sparsity = self.loss_terms(err, l1_coef, lambda: self.sparsity_penalty(f))
+        return pre, f, recon2, err, mse, loss, sparsity
+
+    def loss_terms(self, err: Tensor, l1_coef: float | None, penalty) -> tuple[Tensor, Tensor, Tensor]:
+        """err = recon - x [B, D] -> (mse [n], loss = sum(mse) + sparsity, sparsity); penalty() gives
+        the decoder-norm-weighted L1 as a mean over rows (called for relu only)."""
+        mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
+        loss = mse.sum()
+        sparsity = loss.new_zeros(())
+        if self.activation == "relu":
+            coef = self.l1_coef if l1_coef is None else float(l1_coef)
+            sparsity = coef * penalty()
+            loss = loss + sparsity
+        return mse, loss, sparsity
 
     def use_fused(self, x2: Tensor) -> bool:
         """Whether this call takes the fused sparse ops (not the reference backend, and not a

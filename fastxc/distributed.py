@@ -230,6 +230,14 @@ def global_topk_mask(scores: Tensor, k: int, lo: int) -> Tensor:
     return mask[:, :F_r]
 
 
+def _aux_term(e_hat: Tensor, err: Tensor) -> Tensor:
+    """AuxK loss of the dead features' reconstruction e_hat [B, D] of the residual -err, normalised
+    by the residual's variance (as ``Crosscoder.aux_loss``)."""
+    target = -err.detach()
+    denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+    return (e_hat - target).pow(2).sum(dim=1).mean() / denom
+
+
 def global_topk_keep(vals: Tensor, gid: Tensor, k: int) -> Tensor:
     """This rank's candidates (vals [B, m], their global feature ids gid [B, m]) -> bool [B, m]:
     those among the k largest of their row over all ranks' candidates.
@@ -327,23 +335,14 @@ class DataParallelCrosscoder(Crosscoder):
         pre = f = vals = idx = None
         if fused:
             vals, idx = self.sparse_code(x2)
-            loss, recon2, mse, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
+            loss, recon2, _, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
             active = vals > 0
             fired = torch.zeros(self.n_features, dtype=torch.bool, device=x2.device)
             fired[idx[active]] = True
             err = recon2 - x2
         else:
-            pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
-            f = self.activate(pre)
-            recon2 = self.decode(f)
-            err = recon2 - x2
-            mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
-            loss = mse.sum()
-            sparsity = loss.new_zeros(())
-            if self.activation == "relu":
-                coef = self.l1_coef if l1_coef is None else float(l1_coef)
-                sparsity = coef * self.sparsity_penalty(f)  # a mean over rows: the rank average is global
-                loss = loss + sparsity
+            # the sparsity penalty is a mean over rows: the rank average is the global one
+            pre, f, recon2, err, _, loss, sparsity = self.dense_loss(x2, l1_coef)
             active = f > 0
             fired = active.any(dim=0)
         zero = loss.new_zeros(())
@@ -437,6 +436,7 @@ class FeatureParallelCrosscoder(nn.Module):
     flatten_input = Crosscoder.flatten_input
     split = Crosscoder.split
     fvu = Crosscoder.fvu
+    loss_terms = Crosscoder.loss_terms
 
     def config(self) -> dict:
         return dict(self._config)
@@ -492,17 +492,9 @@ class FeatureParallelCrosscoder(nn.Module):
             vals = vals * global_topk_keep(vals, idx + self.lo, self.k)
         else:
             vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc)
-        recon2 = reduce_replicated(K.sparse_decode(vals, idx, self.W_dec)) + self.b_dec
-        err = recon2 - x2
-        mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
-        loss = mse.sum()
+        recon2, err, mse, loss, sparsity = self._loss(
+            x2, K.sparse_decode(vals, idx, self.W_dec), l1_coef, lambda norms: (vals * norms[idx]).sum(dim=1))
         zero = loss.new_zeros(())
-        sparsity = zero
-        if self.activation == "relu":
-            coef = self.l1_coef if l1_coef is None else float(l1_coef)
-            norms = self.decoder_norms().sum(dim=1)
-            sparsity = coef * reduce_replicated((vals * norms[idx]).sum(dim=1).mean())
-            loss = loss + sparsity
 
         active = vals > 0
         if self.training:
@@ -523,17 +515,26 @@ class FeatureParallelCrosscoder(nn.Module):
             pre_d = torch.addmm(self.b_enc[dead_idx], x2, self.W_enc[dead_idx].t())
             v, j = pre_d.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
             v = F_.relu(v) * global_topk_keep(v, dead_idx[j] + self.lo, k_aux)
-            e_hat = reduce_replicated(K.sparse_decode(v, dead_idx[j], self.W_dec))
-            target = -err.detach()
-            denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-            aux = (e_hat - target).pow(2).sum(dim=1).mean() / denom
+            aux = _aux_term(reduce_replicated(K.sparse_decode(v, dead_idx[j], self.W_dec)), err)
             loss = loss + self.aux_coef * aux
+        return self._output(x, x2, recon2, loss, mse, sparsity, aux, n_active, None, vals, idx)
 
+    def _loss(self, x2: Tensor, partial: Tensor, l1_coef: float | None, row_penalty: Callable):
+        """This rank's reconstruction share partial [B, D] -> (recon2, err, mse, loss, sparsity).
+        row_penalty(norms [F_r]) -> [B]: this rank's decoder-norm-weighted L1 of each row (relu)."""
+        recon2 = reduce_replicated(partial) + self.b_dec
+        err = recon2 - x2
+        mse, loss, sparsity = self.loss_terms(
+            err, l1_coef, lambda: reduce_replicated(row_penalty(self.decoder_norms().sum(dim=1)).mean()))
+        return recon2, err, mse, loss, sparsity
+
+    def _output(self, x, x2, recon2, loss, mse, sparsity, aux, n_active, f, vals=None, idx=None) -> CrosscoderOutput:
         with torch.no_grad():
             fvu = self.fvu(x2, recon2)
-            l0 = (n_active / B).float()
+            l0 = (n_active / x2.shape[0]).float()
         recon = recon2.view_as(x) if x.dim() == 3 else recon2
-        return CrosscoderOutput(recon, None, loss, mse, fvu, sparsity, aux, l0, vals=vals, idx=idx, n_features=F_r)
+        return CrosscoderOutput(recon, f, loss, mse, fvu, sparsity, aux, l0, vals=vals, idx=idx,
+                                n_features=self.W_enc.shape[0])
 
     def forward(self, x: Tensor, l1_coef: float | None = None) -> CrosscoderOutput:
         """x [B, D] or [B, n, d], the same on every rank -> CrosscoderOutput (code: local columns)."""
@@ -543,17 +544,8 @@ class FeatureParallelCrosscoder(nn.Module):
         B = x2.shape[0]
         pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
         f = self._select(pre)
-        recon2 = reduce_replicated(f @ self.W_dec) + self.b_dec
-        err = recon2 - x2
-        mse = torch.stack([e.pow(2).sum(dim=1).mean() for e in self.split(err)])
-        loss = mse.sum()
+        recon2, err, mse, loss, sparsity = self._loss(x2, f @ self.W_dec, l1_coef, lambda norms: f @ norms)
         zero = loss.new_zeros(())
-
-        sparsity = zero
-        if self.activation == "relu":
-            coef = self.l1_coef if l1_coef is None else float(l1_coef)
-            sparsity = coef * reduce_replicated((f @ self.decoder_norms().sum(dim=1)).mean())
-            loss = loss + sparsity
 
         active = f > 0
         if self.training:
@@ -570,17 +562,9 @@ class FeatureParallelCrosscoder(nn.Module):
             k_aux = min(self.aux_k, n_dead)
             masked = pre.masked_fill(~dead, float("-inf"))
             code = F_.relu(pre) * global_topk_mask(masked, k_aux, self.lo)
-            target = -err.detach()
-            e_hat = reduce_replicated(code @ self.W_dec)
-            denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-            aux = (e_hat - target).pow(2).sum(dim=1).mean() / denom
+            aux = _aux_term(reduce_replicated(code @ self.W_dec), err)
             loss = loss + self.aux_coef * aux
-
-        with torch.no_grad():
-            fvu = self.fvu(x2, recon2)
-            l0 = (n_active / B).float()
-        recon = recon2.view_as(x) if x.dim() == 3 else recon2
-        return CrosscoderOutput(recon, f, loss, mse, fvu, sparsity, aux, l0)
+        return self._output(x, x2, recon2, loss, mse, sparsity, aux, n_active, f)
 
     def extra_repr(self) -> str:
         return f"features [{self.lo}, {self.hi}) of {self.n_features}, widths={self.widths}, activation={self.activation!r}, k={self.k}"

@@ -42,6 +42,32 @@ _CPU_CHUNK_ROWS = 1024
 
 
 @triton.jit
+def _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D,
+              UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] float32 tile of pre = x @ W.T + b -> (tile, row offsets,
+    feature offsets, row mask, feature mask); program ids (0, 1) pick the row / feature block."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < B
+    mask_n = offs_n < F
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * D + offs_k[:, None],
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
+        if UPCAST:  # the interpreter computes bf16 wrongly: fp32 right after the load
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        # fp32 inputs: exact ieee products, so the selection matches the fp32 reference
+        acc += tl.dot(a, w, input_precision="ieee")
+    acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc, offs_m, offs_n, mask_m, mask_n
+
+
+@triton.jit
 def _encode_fwd_kernel(
     x_ptr,  # [B, D] input rows
     w_ptr,  # [F, D] encoder, feature-major
@@ -55,26 +81,7 @@ def _encode_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < B
-    mask_n = offs_n < F
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < D
-        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * D + offs_k[:, None],
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        # fp32 inputs: exact ieee products, so the selection matches the fp32 reference
-        acc += tl.dot(a, w, input_precision="ieee")
-    acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if ACT == 1:
         theta = tl.load(theta_ptr + offs_n, mask=mask_n, other=0.0)
         acc = tl.where(acc > theta[None, :], acc, 0.0)
@@ -98,25 +105,7 @@ def _encode_topk_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < B
-    mask_n = offs_n < F
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < D
-        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * D + offs_k[:, None],
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc += tl.dot(a, w, input_precision="ieee")
-    acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     # float -> int32 with the same order (negative floats: flip the magnitude bits), then the
     # feature id in the low 32 bits: one int64 sort key carries value and index together
     bits = acc.to(tl.int32, bitcast=True)
@@ -124,7 +113,7 @@ def _encode_topk_kernel(
     key = (key << 32) | offs_n.to(tl.int64)[None, :]
     key = tl.where(mask_n[None, :], key, -9223372036854775807 - 1)  # padding columns: never picked
     top = tl.topk(key, KP)  # [BLOCK_M, KP]
-    offs_c = pid_n * KP + tl.arange(0, KP)
+    offs_c = tl.program_id(1) * KP + tl.arange(0, KP)
     tl.store(cand_ptr + offs_m[:, None].to(tl.int64) * n_cand + offs_c[None, :], top, mask=mask_m[:, None])
 
 
