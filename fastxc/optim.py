@@ -10,8 +10,9 @@ The update is torch's own Adam (fused where the device has the fused kernel), on
 parameter, so the result is bit-identical to ``torch.optim.Adam`` over all parameters (tested).
 ``state_dict()`` has the layout of that single optimizer, so checkpoints do not change.
 
-Not for data parallel training: there gradients are averaged across ranks after the local
-backward, so the local hook would see the rank's own gradient.
+Hooks run in the order they were registered: a model that averages gradients across ranks in
+its own post-accumulate-grad hooks (``fastxc.distributed``'s data parallel) must register them
+first, so that the step sees the averaged gradient.
 
     >>> opt = AdamInBackward(model.parameters(), lr=1e-4)
     >>> model(x).loss.backward()      # parameters are updated here; no .grad remains

@@ -29,7 +29,7 @@ import torch
 
 from fastxc import distributed as dist_
 from fastxc.errors import report
-from fastxc.optim import AdamInBackward, adam
+from fastxc.optim import AdamInBackward
 from fastxc.crosscoder import ACTIVATIONS, Crosscoder
 from fastxc.diff import CLASS_NAMES, classify, relative_norms, text_histogram
 
@@ -274,12 +274,11 @@ def l1_at(cfg: TrainConfig, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig, ctx) -> torch.optim.Optimizer | AdamInBackward:
-    """Adam, fused where the device has it. One process: stepped inside backward, so only one
-    [F, D] gradient is ever alive (fastxc.optim); distributed: after the gradient collectives."""
-    if ctx is None:
-        return AdamInBackward(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    return adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> AdamInBackward:
+    """Adam (fused where the device has it) stepped inside backward, so only one [F, D] gradient
+    is ever alive (fastxc.optim). Under --parallel data its hooks run after the model's own
+    gradient-averaging hooks (registered first), so each rank steps with the averaged gradient."""
+    return AdamInBackward(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
 
 
 @contextlib.contextmanager
@@ -415,7 +414,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if data.scales is not None:
         model.input_scale.copy_(torch.as_tensor(data.scales, dtype=torch.float32))
     model = dist_.wrap(model, ctx)
-    opt = _make_optimizer(model, cfg, ctx)
+    opt = _make_optimizer(model, cfg)
 
     step, skipped, bad_run = 0, 0, 0
     metrics_path = out / "metrics.jsonl"
