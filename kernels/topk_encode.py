@@ -138,7 +138,7 @@ def _triton_topk(x, W, b, k: int):
     F = W.shape[0]
     kp = triton.next_power_of_2(k)
     # the candidate buffer holds F / BLOCK_N * kp keys per row: a wide tile keeps it small
-    bn = max(64 if _dispatch.interpreting() else 128, kp)
+    bn = max(64 if _dispatch.interpreting() else 128, kp)  # interpreter: its sort cost grows with the width
     n_tiles = triton.cdiv(F, bn)
     n_cand = n_tiles * kp
     cand = torch.empty(B, n_cand, dtype=torch.int64, device=x.device)
