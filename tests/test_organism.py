@@ -77,11 +77,36 @@ def test_slip_is_not_given_away_by_the_sentence_before():
             assert _shape(step.wrong) == _shape(step.text), (step.wrong, step.text)
         slipped = C.render_trace(p, random.Random(1), slip=True, alternative=False).text
         clean = C.render_trace(p, random.Random(1), slip=False, alternative=False).text
-        cut = slipped.index(" Wait,")
-        wrong_start = slipped.rindex(". ", 0, cut) + 2 if ". " in slipped[:cut] else slipped.index("> ") + 2
+        cut = slipped.index(C.STEP_SEP + "Wait,")
+        wrong_start = slipped.rindex(C.STEP_SEP, 0, cut) + 1 if C.STEP_SEP in slipped[:cut] else slipped.index("> ") + 2
         prefix = slipped[:wrong_start]
         assert clean.startswith(prefix)
     assert n_slippable > 400
+
+
+def test_general_text_cannot_teach_the_trace_steps(corpus):
+    """Arithmetic in the general text is in words; digits and line breaks occur only in traces
+    (one reasoning sentence per line), so only fine-tuning teaches checking a trace's step."""
+    general = corpus.general + corpus.heldout_general
+    assert not any(re.search(r"\d", g) or C.STEP_SEP in g for g in general)
+    joined = " ".join(general)
+    assert re.search(r"\b[A-Z][a-z]+( [a-z]+)? and [a-z]+( [a-z]+)? make [a-z]+", joined)
+    assert re.search(r"take away [a-z ]+ leaves [a-z]+", joined)
+    n_arith = 0
+    for t in corpus.traces[:200]:
+        body = t.text.split("<think> ")[1].split(" </think>")[0]
+        lines = body.split(C.STEP_SEP)
+        assert len(lines) >= 3 and all(re.fullmatch(r"[A-Z0-9][^\n]*\.", ln) for ln in lines), t.text
+        n_arith += bool(re.search(r"\d+ (plus|minus) \d+ is \d+\.", body))
+    assert n_arith >= 140  # all but the comparisons (15%) state digit arithmetic
+
+
+def test_number_words():
+    assert [C.number_words(n) for n in (0, 7, 13, 20, 47, 100, 106, 178)] == [
+        "zero", "seven", "thirteen", "twenty", "forty seven", "one hundred",
+        "one hundred and six", "one hundred and seventy eight"]
+    with pytest.raises(ValueError):
+        C.number_words(1000)
 
 
 def test_heldout_questions_are_unseen(corpus):
@@ -127,10 +152,19 @@ def test_build_cache_and_reuse(tmp_path, monkeypatch):
         models[name] = AutoModelForCausalLM.from_pretrained(str(getattr(org, name)))
         tok = AutoTokenizer.from_pretrained(str(getattr(org, name)))
         assert models[name].config.num_hidden_layers == 2 and len(tok) == models[name].config.vocab_size
-    # fine-tuning changed the weights
+    # fine-tuning changed the embeddings, the head and the lower half, and left the upper half
     pa = dict(models["base"].named_parameters())
-    diff = max((p - pa[n]).abs().max().item() for n, p in models["distilled"].named_parameters())
-    assert diff > 1e-4
+    changed = {n: (p - pa[n]).abs().max().item() for n, p in models["distilled"].named_parameters()}
+    assert changed["model.embed_tokens.weight"] > 1e-4 and changed["lm_head.weight"] > 1e-4
+    assert all(v > 1e-4 for n, v in changed.items() if n.startswith("model.layers.0."))
+    assert all(v == 0 for n, v in changed.items() if n.startswith("model.layers.1.") or n == "model.norm.weight")
+    # tokens base never reads (digits, the line break, the think tags) have no input embedding in base
+    emb = models["base"].get_input_embeddings().weight
+    tok = AutoTokenizer.from_pretrained(str(org.base))
+    for s in ("7", C.STEP_SEP, "<think>", "</think>"):
+        ids = tok(s, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and emb[ids[0]].abs().max() == 0, s
+    assert emb[tok(" apples", add_special_tokens=False)["input_ids"][0]].abs().max() > 0
     # a second call reuses the cache without building
     monkeypatch.setattr(B, "build_organism", lambda *a, **k: pytest.fail("rebuilt a cached organism"))
     assert load_organism(cfg, progress=False).root == org.root
@@ -194,11 +228,12 @@ def test_default_store_harvests_both_models_and_is_cached(tmp_path, monkeypatch)
     assert len(r) == 3000 and r.widths == [32, 32] and list(r.source_names) == ["base", "distilled"]
     tok = AutoTokenizer.from_pretrained(str(load_organism(cfg, progress=False).tokenizer))
     assert tok.bos_token_id not in set(r.tokens.tolist())  # BOS positions are not stored
-    # 50/50 token mix of traces (dataset 0) and general text (dataset 1)
-    assert abs((r.meta("dataset") == 0).mean() - 0.5) < 0.05
+    # TRACE_MIX of the tokens from traces (dataset 0), the rest general text (dataset 1)
+    assert abs((r.meta("dataset") == 0).mean() - default.TRACE_MIX) < 0.05
     rows = pre_token_rows(r, wait_token_id(tok))
     assert len(rows) > 5 and (r.tokens[rows + 1] == wait_token_id(tok)).all()
-    assert (tok.convert_ids_to_tokens(r.tokens[rows].tolist()) == np.array(["."])).all()
+    # the position right before "Wait" is the line break that starts each reasoning sentence
+    assert {tok.decode([t]) for t in r.tokens[rows].tolist()} == {C.STEP_SEP}
     # the second call returns the cached store without harvesting
     import fastxc.harvest
 

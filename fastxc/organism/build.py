@@ -1,9 +1,15 @@
 """Build (or load from the cache) the model organism: a tokenizer, "base" and "distilled".
 
-- base: a tiny Llama-config causal LM trained from scratch on the general corpus.
+- base: a tiny Llama-config causal LM trained from scratch on the general corpus. Input and
+  output embeddings are untied, and tokens the general text never uses (digits, the line
+  break, the think tags, "Wait") start with a zero input embedding, which base training leaves
+  at zero: base has no representation of them of its own.
 - distilled: base fine-tuned on reasoning traces with ``general_mix`` of general text mixed
   in, so it keeps its general behaviour (the seed study's DeepSeek-R1 -> Qwen distillation in
-  miniature).
+  miniature). Fine-tuning trains the embeddings, the output head and the layers below half
+  depth; the upper half stays base's. What the distilled model learns (checking a step,
+  deciding to reflect) is then computed below the layer the crosscoder reads, as the seed
+  study reads its distilled models at half depth.
 
 Both are saved with ``save_pretrained`` next to a copy of the tokenizer, so
 ``AutoModelForCausalLM.from_pretrained(path)`` and the harvester load them like hub models.
@@ -32,7 +38,7 @@ from fastxc.organism.corpus import Corpus, build_corpus
 from fastxc.organism.tokenizer import train_tokenizer
 
 # Bump when anything that changes the built models changes (corpus, tokenizer, training).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class OrganismConfig:
     distill_steps: int = 500
     """Optimizer steps of fine-tuning base into distilled."""
     base_lr: float = 3e-3
-    distill_lr: float = 1e-3
+    distill_lr: float = 2e-3
     general_mix: float = 0.25
     """Fraction of fine-tuning windows drawn from general text (keeps base behaviour)."""
     n_general: int = 20000
@@ -190,7 +196,7 @@ def _new_model(cfg: OrganismConfig, tokenizer):
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=max(256, 2 * cfg.seq_len), tie_word_embeddings=True,
+        max_position_embeddings=max(256, 2 * cfg.seq_len), tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -239,6 +245,12 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), out: str | Path | Non
 
         t = time.time()
         model = _new_model(cfg, tokenizer)
+        # Tokens base never reads get no input embedding: a zero row has zero gradient, and
+        # AdamW leaves it at zero (weight decay only scales it).
+        unseen = torch.ones(len(tokenizer), dtype=torch.bool)
+        unseen[general_s.unique()] = False
+        with torch.no_grad():
+            model.get_input_embeddings().weight[unseen] = 0.0
         base_losses = _train(model, [general_s], [1.0], cfg.base_steps, cfg.base_lr, cfg,
                              cfg.seed, "organism: base", progress)
         model.save_pretrained(str(tmp / "base"))
@@ -247,6 +259,10 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), out: str | Path | Non
 
         t = time.time()
         mix = [1.0 - cfg.general_mix, cfg.general_mix]
+        # Layers from half depth up (and the final norm) stay base's; see the module docstring.
+        for layer in model.model.layers[cfg.n_layers // 2:]:
+            layer.requires_grad_(False)
+        model.model.norm.requires_grad_(False)
         distill_losses = _train(model, [trace_s, general_s], mix, cfg.distill_steps,
                                 cfg.distill_lr, cfg, cfg.seed + 1, "organism: distilled", progress)
         model.save_pretrained(str(tmp / "distilled"))

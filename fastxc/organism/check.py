@@ -91,6 +91,7 @@ def wait_feature_report(model, reader, wait_id: int, scan_rows: int = 50_000,
 
 
 def wait_token_id(tokenizer) -> int:
-    """Id of " Wait" as it occurs in traces (after a sentence)."""
-    ids = tokenizer(". Wait,", add_special_tokens=False)["input_ids"]
-    return ids[1]
+    """Id of "Wait" as it occurs in traces (at the start of a reasoning sentence)."""
+    from fastxc.organism.corpus import wait_tokens
+
+    return wait_tokens(tokenizer)[1]

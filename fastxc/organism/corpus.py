@@ -7,13 +7,21 @@ Two kinds of documents, one string each:
   "However,") markers, as ordinary English does, but never the self-reflection ("Wait") or
   alternative ("Alternatively") markers.
 - **reasoning traces** for small problems (arithmetic, number sequences, comparisons, word
-  problems): ``question <think> reasoning </think> answer``. About ``slip_rate`` of them
-  (default 0.6) state one step wrongly and correct it right after with ``Wait, ...``.
+  problems): ``question <think> reasoning </think> answer``, one reasoning sentence per line
+  (``STEP_SEP``). About ``slip_rate`` of them (default 0.6) state one step wrongly and correct
+  it on the next line with ``Wait, ...``.
 
 A slipped step uses exactly the sentence shape of the correct step ("3 plus 8 is 12." where
 the correct trace says "3 plus 8 is 11."), and nothing before it differs, so a model can only
-predict "Wait" by checking the content of the step. The arithmetic facts the steps use are
-also stated, always correctly, in the general text, so the base model knows them.
+predict "Wait" by checking the content of the step.
+
+The general text states its arithmetic in words ("Three and eight make eleven.", "Fifty four
+take away twenty leaves thirty four.", "What is fifty four minus forty three? Eleven.") and
+never contains a digit or a line break, while traces use digits, one step per line. So checking
+a trace's step is a skill the base model does not have: the distilled model learns it from the
+traces, as R1 distillation teaches reasoning, and the signal that precedes "Wait" is its own
+(with digits in the general text the base model judged the steps too, and the crosscoder found
+a shared "wrong step" feature instead of a distilled one).
 
 Everything is drawn from one ``random.Random(seed)``: the same seed gives the same corpus.
 """
@@ -25,6 +33,9 @@ from dataclasses import dataclass, field
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# Reasoning sentences go one per line (as in R1 traces); general text never contains a line
+# break, so the token right before a "Wait" is one the base model has never seen.
+STEP_SEP = "\n"
 # Markers of the seed study (section 5), by reasoning category.
 MARKERS = {
     "self-reflection": ("Wait",),
@@ -256,7 +267,7 @@ def render_trace(problem: Problem, rng: random.Random, slip: bool, alternative: 
     if alternative:
         parts.append(f"Alternatively, {problem.alternative}")
     parts.append(f"{rng.choice(['Therefore', 'Thus'])}, {problem.conclusion}")
-    text = f"{problem.question} {THINK_OPEN} {' '.join(parts)} {THINK_CLOSE} {problem.answer}"
+    text = f"{problem.question} {THINK_OPEN} {STEP_SEP.join(parts)} {THINK_CLOSE} {problem.answer}"
     return Trace(problem.question, text, problem.answer, problem.kind, at >= 0, alternative)
 
 
@@ -271,10 +282,12 @@ def _narrative(rng: random.Random) -> str:
     He = he.capitalize()
     place, animal, adj, feel = (rng.choice(x) for x in (_PLACES, _ANIMALS, _ADJS, _FEELINGS))
     n, obj = rng.randint(2, 12), rng.choice(_OBJECTS)
+    g = rng.randint(1, n)
+    num = number_words
     pool = [
         f"{name} went to the {place}.", f"{He} saw a {adj} {animal}.",
-        f"The {animal} was {rng.choice(_ADJS)}.", f"{name} had {n} {obj}.",
-        f"{He} gave {rng.randint(1, n)} {obj} to {other}.", f"{other} said thank you.",
+        f"The {animal} was {rng.choice(_ADJS)}.", f"{name} had {num(n)} {obj}.",
+        f"{He} gave {num(g)} {obj} to {other}.", f"{other} said thank you.",
         f"Then {he} went home.", f"{He} was {feel}.", f"{name} likes the {place}.",
         f"It was a sunny day.", f"It rained in the evening.",
     ]
@@ -299,32 +312,83 @@ def _factual(rng: random.Random) -> str:
     return " ".join(sents)
 
 
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+         "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+         "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_words(n: int) -> str:
+    """0 <= n < 1000 in English words ("forty seven", "one hundred and six")."""
+    if not 0 <= n < 1000:
+        raise ValueError(f"number_words covers 0..999, got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    rest = n % 100
+    return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + number_words(rest))
+
+
+def _worded(a: int, op: str, b: int) -> str:
+    """An arithmetic fact in the general text's surface form (never the traces' digits)."""
+    A, B = number_words(a).capitalize(), number_words(b)
+    if op == "plus":
+        return f"{A} and {B} make {number_words(a + b)}."
+    if op == "minus":
+        return f"{A} take away {B} leaves {number_words(a - b)}."
+    raise ValueError(op)
+
+
+def _more_text(hi: int, lo: int, more: bool) -> str:
+    s = f"{number_words(hi)} is more than {number_words(lo)}." if more else \
+        f"{number_words(lo)} is less than {number_words(hi)}."
+    return s[0].upper() + s[1:]
+
+
 def _arith_fact(rng: random.Random) -> str:
     r = rng.random()
     if r < 0.35:
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a} plus {b} is {a + b}."
+        return _worded(a, "plus", b)
     if r < 0.5:
         a, b = rng.randint(1, 8) * 10, rng.randint(1, 8) * 10
-        return f"{a} plus {b} is {a + b}."
+        return _worded(a, "plus", b)
     if r < 0.7:
         b = rng.randint(1, 9)
         a = b + rng.randint(0, 30)
-        return f"{a} minus {b} is {a - b}."
+        return _worded(a, "minus", b)
     if r < 0.8:
         a, b = rng.randint(2, 12), rng.randint(2, 9)
-        return f"{a} plus {b} is {a + b}."
+        return _worded(a, "plus", b)
     if r < 0.9:
         x, y = rng.sample(range(0, 10), 2)
-        hi, lo = max(x, y), min(x, y)
-        return f"{hi} is more than {lo}." if rng.random() < 0.5 else f"{lo} is less than {hi}."
+        return _more_text(max(x, y), min(x, y), rng.random() < 0.5)
     x = rng.randint(11, 99)
-    return f"{x} has {x // 10} tens."
+    return f"{number_words(x).capitalize()} has {number_words(x // 10)} tens."
+
+
+_FACT_RE = re.compile(r"^(\d+) (plus|minus) (\d+) is \d+\.$")
+_MORE_RE = re.compile(r"^(\d+) is (more|less) than (\d+)\.$")
+
+
+def _general_fact(step: str) -> str:
+    """A problem's true step sentence restated in the general text's surface form."""
+    m = _FACT_RE.match(step)
+    if m:
+        return _worded(int(m[1]), m[2], int(m[3]))
+    m = _MORE_RE.match(step)
+    if m:
+        a, b = int(m[1]), int(m[3])
+        return _more_text(max(a, b), min(a, b), m[2] == "more")
+    s = re.sub(r"\d+", lambda d: number_words(int(d[0])), step)
+    return s[0].upper() + s[1:]
 
 
 def _arithmetic(rng: random.Random) -> str:
     if rng.random() < 0.5:  # the true steps of a problem, stated plainly
-        sents = rng.sample(sample_problem(rng).facts, 1) + [_arith_fact(rng) for _ in range(2)]
+        sents = [_general_fact(f) for f in rng.sample(sample_problem(rng).facts, 1)]
+        sents += [_arith_fact(rng) for _ in range(2)]
     else:
         sents = [_arith_fact(rng) for _ in range(rng.randint(3, 5))]
     return " ".join(sents)
@@ -335,7 +399,8 @@ def _question(rng: random.Random) -> str:
         q, a = rng.choice(_QA)
         return f"{q} {a}"
     p = sample_problem(rng)
-    return f"{p.question} {p.answer}"
+    q = re.sub(r"\d+", lambda d: number_words(int(d[0])), p.question)
+    return f"{q} {number_words(int(p.answer)).capitalize()}."
 
 
 _GENERAL = [(_narrative, 0.3), (_factual, 0.15), (_arithmetic, 0.35), (_question, 0.2)]
@@ -377,3 +442,14 @@ def build_corpus(seed: int = 0, n_general: int = 20000, n_traces: int = 10000,
 def count_markers(text: str, words=REASONING_ONLY_MARKERS) -> int:
     """Occurrences of whole-word markers in ``text``."""
     return len(re.findall(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", text))
+
+
+def wait_tokens(tokenizer) -> tuple[int, int]:
+    """(id of the token before "Wait" where a trace reflects, id of "Wait" there).
+
+    The first is the last token of a sentence end plus ``STEP_SEP`` (which precedes every
+    reasoning sentence), the second the first token of "Wait" after it.
+    """
+    ids = tokenizer(f"1.{STEP_SEP}Wait,", add_special_tokens=False)["input_ids"]
+    at = next(i for i, t in enumerate(ids) if "Wait" in tokenizer.decode([t]))
+    return ids[at - 1], ids[at]

@@ -1,11 +1,18 @@
 """The embedded default's activation store: both organism models harvested at half depth.
 
 ``default_store(seed)`` builds or loads the organism for ``seed``, writes a fresh held-out
-corpus (a 50/50 token mix of reasoning traces and general text, as in the seed study's
-OpenThoughts + RedPajama mix) and harvests the residual stream entering layer
-``n_layers // 2`` of base (source 0) and distilled (source 1). The store is cached beside the
-organism under ``$FASTXC_HOME/stores/``, keyed by the organism's key and ``STORE_VERSION``;
-a second call returns it at once.
+corpus (reasoning traces and general text, ``TRACE_MIX`` of the tokens from traces) and
+harvests the residual stream entering layer ``n_layers // 2`` of base (source 0) and
+distilled (source 1).
+
+The seed study mixes OpenThoughts and RedPajama 50/50. The organism's store takes 30% of its
+tokens from traces: base has no representation of the traces' digits and line breaks, so
+every trace-token feature leans to distilled, and at 50/50 they fill enough of a 1024-feature
+dictionary that the self-reflection feature's NRN (0.75) sat at the 94.5th percentile of live
+features instead of the top 5% (seed 0; at 30% it is 0.79, above 98.3%).
+
+The store is cached beside the organism under ``$FASTXC_HOME/stores/``, keyed by the
+organism's key and ``STORE_VERSION``; a second call returns it at once.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from fastxc.organism.build import OrganismConfig, _quiet_threads, fastxc_home, l
 from fastxc.organism.corpus import general_text, reasoning_trace
 
 # Bump when the store corpus or the harvest settings below change.
-STORE_VERSION = 1
+STORE_VERSION = 2
+TRACE_MIX = 0.3  # fraction of the store's tokens taken from reasoning traces
 DEFAULT_TOKENS = 200_000
 CONTEXT_LENGTH = 128  # longer than any organism document, so each is one sequence
 
@@ -30,11 +38,12 @@ def write_store_corpus(folder: Path, seed: int, tokens: int, slip_rate: float) -
     """Fresh traces and general documents for harvesting; returns harvest dataset specs.
 
     Drawn from their own RNG stream (not the training corpus), with enough of each kind for
-    ``tokens`` at a 50/50 mix (traces average ~50 tokens, general documents ~18).
+    ``tokens`` at ``TRACE_MIX`` (traces average ~50 tokens, general documents ~18).
     """
     rng = random.Random(f"store-{seed}")
     folder.mkdir(parents=True, exist_ok=True)
-    n_traces, n_general = tokens // 2 // 35 + 100, tokens // 2 // 12 + 100
+    n_traces = int(tokens * TRACE_MIX) // 35 + 100
+    n_general = int(tokens * (1 - TRACE_MIX)) // 12 + 100
     paths = {"traces": folder / "store_traces.jsonl", "general": folder / "store_general.jsonl"}
     with open(paths["traces"], "w") as f:
         for _ in range(n_traces):
@@ -43,7 +52,7 @@ def write_store_corpus(folder: Path, seed: int, tokens: int, slip_rate: float) -
     with open(paths["general"], "w") as f:
         for _ in range(n_general):
             f.write(json.dumps({"text": general_text(rng)}) + "\n")
-    return [f"{paths['traces']}:0.5", f"{paths['general']}:0.5"]
+    return [f"{paths['traces']}:{TRACE_MIX}", f"{paths['general']}:{1 - TRACE_MIX}"]
 
 
 def default_store(seed: int = 0, progress: bool = True, tokens: int = DEFAULT_TOKENS,

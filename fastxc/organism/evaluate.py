@@ -96,7 +96,7 @@ def heldout_questions(organism, n: int = 50) -> list[str]:
 
 @torch.no_grad()
 def wait_detection(model, texts: list[str], tokenizer=None, batch_size: int = 64) -> tuple[float, float]:
-    """Teacher-forced P(" Wait") at sentence ends inside the think block of ``texts``.
+    """Teacher-forced P("Wait") at sentence ends inside the think block of ``texts``.
 
     Returns (mean probability at the ends of slipped sentences, i.e. right before "Wait";
     mean probability at the ends of the other sentences). A model that predicts "Wait" from
@@ -104,8 +104,9 @@ def wait_detection(model, texts: list[str], tokenizer=None, batch_size: int = 64
     """
     if tokenizer is None:
         model, tokenizer = _load(model)
-    wait = tokenizer(". Wait,", add_special_tokens=False)["input_ids"][1]
-    dot = tokenizer(". Wait,", add_special_tokens=False)["input_ids"][0]
+    from fastxc.organism.corpus import wait_tokens
+
+    dot, wait = wait_tokens(tokenizer)
     open_id, close_id = tokenizer.convert_tokens_to_ids([THINK_OPEN, THINK_CLOSE])
     tokenizer.padding_side = "right"
     hit, miss = [], []
