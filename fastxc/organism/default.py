@@ -9,7 +9,7 @@ The seed study mixes OpenThoughts and RedPajama 50/50. The organism's store take
 tokens from traces: base has no representation of the traces' digits and line breaks, so
 every trace-token feature leans to distilled, and at 50/50 they fill enough of a 1024-feature
 dictionary that the self-reflection feature's NRN (0.75) sat at the 94.5th percentile of live
-features instead of the top 5% (seed 0; at 30% it is 0.79, above 98.3%).
+features instead of the top 5% (recipe v3 trial, seed 0; at 30% it was 0.79, above 98.3%).
 
 The store is cached beside the organism under ``$FASTXC_HOME/stores/``, keyed by the
 organism's key and ``STORE_VERSION``; a second call returns it at once.
