@@ -57,9 +57,6 @@ def test_ablating_distilled_self_reflection_features_lowers_wait(organism):
     assert -d_dist >= 3 * (-d_base)
 
 
-@pytest.mark.xfail(reason="issue 6 acceptance met on organism v3 seed 0 only: feature 494 (F1 0.289) raises Wait/token "
-                          "0.0154 -> 0.1235 (8.0x) at 8x mean activation, thinking 44.5 -> 149 tokens; on seed 1 the "
-                          "F1-best feature (738, F1 0.219) gives 0.0154 -> 0.0189 at most (1.2x)", strict=False)
 def test_steering_with_wait_feature_overthinks(organism):
     """Seed section 5: the most Wait-predictive distilled-leaning feature raises "Wait" per token
     >= 5x at some alpha <= 8 x its mean activation, and thinking gets longer."""
