@@ -1,8 +1,4 @@
-"""Build script: the Python packages plus the C++ extension ``fastxc._C``.
-
-``kernels/`` is installed as ``fastxc.kernels`` (it depends on torch and triton only), so no
-top-level module called ``kernels`` is ever installed.
-"""
+"""Build script: the Python packages plus the C++ extension ``fastxc._C``."""
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -20,12 +16,9 @@ ext_modules = [
     ),
 ]
 
-packages = find_packages(include=["fastxc", "fastxc.*"]) + ["fastxc.kernels"]
-
 setup(
-    packages=packages,
-    package_dir={"fastxc.kernels": "kernels"},
-    package_data={"fastxc": ["data/*.json"]},
+    packages=find_packages(include=["fastxc", "fastxc.*"]),
+    package_data={"fastxc.analysis": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

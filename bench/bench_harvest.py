@@ -10,7 +10,7 @@ the group compares:
 - ``forward-full``: both models' complete forward passes (all layers and the lm_head);
 - ``forward-to-layer``: both models truncated to the first L = 4 layers (nothing captured):
   the compute a harvest at half depth cannot avoid;
-- ``harvest``: ``fastxc.harvest.harvest`` end to end into a fresh store (bf16): data loading,
+- ``harvest``: ``fastxc.data.harvest.harvest`` end to end into a fresh store (bf16): data loading,
   tokenization, the forward passes that stop at layer 4, filtering, encoding, checksums,
   atomic writes and the manifest; ``load`` (tokenizers, configs and models, which a harvest
   also does once) is timed on its own and subtracted for the overhead figure.
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastxc import harvest as H
+from fastxc.data import harvest as H
 
 CTX, BATCH, N_BATCHES, LAYER = 128, 8, 4, 4
 WORDS = ("the a cat dog sat ran on to house tree red old new wait so two plus three is five therefore "

@@ -1,7 +1,7 @@
 """Full crosscoder training step on the CPU (forward, backward, fused Adam), one group:
 
     fast          fastxc.kernels: topk_encode + crosscoder_loss (C++ kernels from fastxc._C),
-                  Adam stepped inside backward (fastxc.optim.AdamInBackward)
+                  Adam stepped inside backward (fastxc.core.optim.AdamInBackward)
     crosscoder    the same through fastxc.Crosscoder, as fastxc.train runs it
     fast-torch    the kernels' ops with the C++ kernels disabled (torch-only CPU path)
     embbag        sparse-decoder step built from torch's embedding_bag and index_add_
@@ -31,7 +31,7 @@ import torch.nn.functional as Fn
 
 import fastxc.kernels as K
 from fastxc import Crosscoder
-from fastxc.optim import AdamInBackward
+from fastxc.core.optim import AdamInBackward
 
 B, WIDTHS, F, KK = 1024, (512, 512), 16384, 32
 D = sum(WIDTHS)

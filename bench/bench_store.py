@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastxc import _C
-from fastxc import store as S
+from fastxc.data import store as S
 
 B = 4096
 WIDTH = 512

@@ -25,7 +25,7 @@
 //     nothing).
 //
 //   permute(idx, n, key, rounds=6)
-//     the reader's keyed shuffle of row ids (identical to the numpy fastxc.store.permute).
+//     the reader's keyed shuffle of row ids (identical to the numpy fastxc.data.store.permute).
 //
 // All loops run with the GIL released (a background prefetch thread in Python overlaps them
 // with training). Row ids are validated before the parallel region (no exceptions inside it).
@@ -333,14 +333,14 @@ int64_t willneed(py::list srcs, py::array_t<int32_t, py::array::c_style | py::ar
 #endif
 }
 
-// splitmix64 finaliser (wrapping uint64 arithmetic), as fastxc.store._mix64.
+// splitmix64 finaliser (wrapping uint64 arithmetic), as fastxc.data.store._mix64.
 inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
 
-// The store's keyed bijection of [0, n) (fastxc.store.permute is the numpy reference; the two
+// The store's keyed bijection of [0, n) (fastxc.data.store.permute is the numpy reference; the two
 // give identical ids): a balanced Feistel network on 2**(2h) >= n with cycle walking. Per row
 // it is a few dozen integer ops, so the numpy version's ~50 array passes per batch dominated.
 py::array_t<int64_t> permute(py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx, int64_t n,
@@ -405,7 +405,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("willneed", &willneed, py::arg("srcs"), py::arg("shard_ids"), py::arg("local_rows"),
         "madvise(MADV_WILLNEED) the pages of the given rows (asynchronous read-ahead).");
   m.def("permute", &permute, py::arg("idx"), py::arg("n"), py::arg("key"), py::arg("rounds") = 6,
-        "Keyed bijection of [0, n) applied to idx (int64 [m]); equals fastxc.store.permute.");
+        "Keyed bijection of [0, n) applied to idx (int64 [m]); equals fastxc.data.store.permute.");
   m.def("num_threads", &num_threads, "OpenMP threads the gather uses.");
   register_cpu_kernels(m);
 }

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastxc.crosscoder import Crosscoder
+from fastxc.core.crosscoder import Crosscoder
 
 WORDS = ("Wait , . Therefore Thus But However Alternatively so we add is plus minus one two three four five "
          "he she him her king queen man woman big small hot cold dog dogs cat cats go went see saw").split()
@@ -45,8 +45,8 @@ def make_model(seed: int, vocab: int):
 
 def build_world(root, n_seqs: int = 24, seq_len: int = 12):
     """Save two tiny models + tokenizer under ``root`` and harvest a store of their layer inputs."""
-    from fastxc.hooks import capture_residual
-    from fastxc.store import write_store
+    from fastxc.analysis.hooks import capture_residual
+    from fastxc.data.store import write_store
 
     from transformers.utils import logging as hf_logging
 
@@ -109,7 +109,7 @@ def shared_world() -> dict:
 
         root = Path(tempfile.mkdtemp(prefix="fastxc-analysis-"))
         atexit.register(shutil.rmtree, root, True)
-        from fastxc.store import open_store
+        from fastxc.data.store import open_store
 
         w = build_world(root)
         w["reader"] = open_store(w["store"])
@@ -124,7 +124,7 @@ def world():
 
 # ---------------------------------------------------------------------------- hooks
 def test_identity_edit_leaves_logits_unchanged(world):
-    from fastxc.hooks import edit_residual
+    from fastxc.analysis.hooks import edit_residual
 
     m, ids = world["models"][0], world["ids"][:4]
     clean = m(input_ids=ids).logits
@@ -139,7 +139,7 @@ def test_identity_edit_leaves_logits_unchanged(world):
 
 
 def test_capture_matches_hidden_states(world):
-    from fastxc.hooks import capture_residual
+    from fastxc.analysis.hooks import capture_residual
 
     m, ids = world["models"][1], world["ids"][:3]
     hs = m(input_ids=ids, output_hidden_states=True).hidden_states  # hidden_states[L] = input of layer L
@@ -147,8 +147,8 @@ def test_capture_matches_hidden_states(world):
 
 
 def test_store_contexts_rebuild_sequences(world):
-    from fastxc.hooks import store_contexts
-    from fastxc.store import open_store
+    from fastxc.analysis.hooks import store_contexts
+    from fastxc.data.store import open_store
 
     reader = open_store(world["store"])
     # row 12 + 5 is the 6th token of sequence 1 (12 tokens per sequence after BOS)
@@ -158,8 +158,8 @@ def test_store_contexts_rebuild_sequences(world):
 
 # ---------------------------------------------------------------------------- eval
 def test_spliced_loss_exact_crosscoder_recovers_everything(world):
-    from fastxc.evaluate import spliced_loss
-    from fastxc.store import open_store
+    from fastxc.analysis.evaluate import spliced_loss
+    from fastxc.data.store import open_store
 
     reader = open_store(world["store"])
     cc = identity_crosscoder([WIDTH, WIDTH], reader.scales)
@@ -174,16 +174,16 @@ def test_spliced_loss_exact_crosscoder_recovers_everything(world):
 
 def test_spliced_loss_hand_check_with_random_crosscoder(world):
     """A lossy crosscoder: spliced CE equals a direct computation with the reconstruction spliced in."""
-    from fastxc.analysis import encode_raw
-    from fastxc.evaluate import spliced_loss
-    from fastxc.hooks import edit_residual
-    from fastxc.store import open_store
+    from fastxc.analysis.inputs import encode_raw
+    from fastxc.analysis.evaluate import spliced_loss
+    from fastxc.analysis.hooks import edit_residual
+    from fastxc.data.store import open_store
 
     reader = open_store(world["store"])
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
     ids = world["ids"][:2]
     res = spliced_loss(cc, world["models"], world["tok"], LAYER, ids.tolist())
-    from fastxc.hooks import capture_residual
+    from fastxc.analysis.hooks import capture_residual
 
     full = [capture_residual(m, LAYER, ids) for m in world["models"]]
     code = encode_raw(cc, full)
@@ -203,8 +203,8 @@ def test_spliced_loss_hand_check_with_random_crosscoder(world):
 
 
 def test_store_metrics_exact_crosscoder(world):
-    from fastxc.evaluate import store_metrics
-    from fastxc.store import open_store
+    from fastxc.analysis.evaluate import store_metrics
+    from fastxc.data.store import open_store
 
     reader = open_store(world["store"])
     cc = identity_crosscoder([WIDTH, WIDTH], reader.scales)
@@ -214,8 +214,8 @@ def test_store_metrics_exact_crosscoder(world):
 
 
 def test_eval_cli_writes_json_and_rejects_mismatch(world, tmp_path, capsys):
-    from fastxc.evaluate import main
-    from fastxc.store import open_store
+    from fastxc.analysis.evaluate import main
+    from fastxc.data.store import open_store
 
     reader = open_store(world["store"])
     good = identity_crosscoder([WIDTH, WIDTH], reader.scales).save(tmp_path / "cc")

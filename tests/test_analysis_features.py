@@ -16,14 +16,14 @@ def world():
 
 
 def _inputs(world, cc):
-    from fastxc.analysis import open_inputs
+    from fastxc.analysis.inputs import open_inputs
 
     return open_inputs(cc, world["store"])
 
 
 # ---------------------------------------------------------------------------- diff
 def test_feature_activity_matches_brute_force(world):
-    from fastxc.diff import feature_activity
+    from fastxc.analysis.diff import feature_activity
 
     reader = world["reader"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
@@ -42,7 +42,7 @@ def test_feature_activity_matches_brute_force(world):
 
 
 def test_diff_analysis_outputs(world, tmp_path):
-    from fastxc.diff import diff_analysis
+    from fastxc.analysis.diff import diff_analysis
 
     reader = world["reader"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
@@ -69,7 +69,7 @@ def test_diff_analysis_outputs(world, tmp_path):
 
 
 def test_diff_cli_rejects_width_mismatch(world, tmp_path, capsys):
-    from fastxc.diff import main
+    from fastxc.analysis.diff import main
 
     bad = identity_crosscoder([8, 8]).save(tmp_path / "bad")
     assert main(["--crosscoder", str(bad), "--store", str(world["store"]), "--out", str(tmp_path / "o")]) == 2
@@ -80,7 +80,7 @@ def test_diff_cli_rejects_width_mismatch(world, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- reasoning
 def test_marker_rows_before_and_on(world):
-    from fastxc.reasoning import marker_rows, marker_token_ids
+    from fastxc.analysis.reasoning import marker_rows, marker_token_ids
 
     reader, tok = world["reader"], world["tok"]
     wait = tok.convert_tokens_to_ids("Wait")
@@ -94,7 +94,7 @@ def test_marker_rows_before_and_on(world):
 
 
 def test_reasoning_analysis_outputs(world, tmp_path):
-    from fastxc.reasoning import reasoning_analysis
+    from fastxc.analysis.reasoning import reasoning_analysis
 
     reader = world["reader"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
@@ -111,8 +111,8 @@ def test_reasoning_analysis_outputs(world, tmp_path):
 
 # ---------------------------------------------------------------------------- ablate
 def test_ablating_nothing_changes_nothing(world):
-    from fastxc.ablate import ablation_logits, windows
-    from fastxc.reasoning import marker_rows
+    from fastxc.analysis.ablate import ablation_logits, windows
+    from fastxc.analysis.reasoning import marker_rows
 
     reader, tok = world["reader"], world["tok"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
@@ -125,9 +125,9 @@ def test_ablating_nothing_changes_nothing(world):
 
 def test_ablation_matches_hand_computation(world):
     """Ablating features {3, 7} equals subtracting f_k * W_dec[k, src] / input_scale by hand."""
-    from fastxc.ablate import ablation_logits
-    from fastxc.analysis import encode_raw
-    from fastxc.hooks import capture_residual, edit_residual
+    from fastxc.analysis.ablate import ablation_logits
+    from fastxc.analysis.inputs import encode_raw
+    from fastxc.analysis.hooks import capture_residual, edit_residual
 
     reader, tok = world["reader"], world["tok"]
     cc = random_crosscoder([WIDTH, WIDTH], n_features=16, k=8, scales=reader.scales)
@@ -146,7 +146,7 @@ def test_ablation_matches_hand_computation(world):
 
 
 def test_feature_with_zero_base_decoder_leaves_base_unchanged(world):
-    from fastxc.ablate import ablation_logits
+    from fastxc.analysis.ablate import ablation_logits
 
     reader, tok = world["reader"], world["tok"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
@@ -157,7 +157,7 @@ def test_feature_with_zero_base_decoder_leaves_base_unchanged(world):
 
 
 def test_category_feature_sets():
-    from fastxc.ablate import category_feature_sets
+    from fastxc.analysis.ablate import category_feature_sets
 
     freq = torch.tensor([0.0, 0.5, 0.9, 0.1, 0.3] + [0.0] * 195)
     nrn = torch.tensor([0.9, 0.8, 0.2, 0.6, 0.4] + [0.5] * 195)
@@ -170,7 +170,7 @@ def test_category_feature_sets():
 
 
 def test_ablate_cli(world, tmp_path, capsys):
-    from fastxc.ablate import main
+    from fastxc.analysis.ablate import main
 
     cc = random_crosscoder([WIDTH, WIDTH], scales=world["reader"].scales).save(tmp_path / "cc")
     rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--category", "self-reflection",
@@ -187,7 +187,7 @@ def test_ablate_cli(world, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- steer
 def test_steer_alpha_zero_equals_unsteered(world):
-    from fastxc.steer import feature_direction, generate
+    from fastxc.analysis.steer import feature_direction, generate
 
     reader, tok = world["reader"], world["tok"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
@@ -205,10 +205,10 @@ def test_steer_alpha_zero_equals_unsteered(world):
 
 
 def test_most_predictive_feature_is_the_strongest_ablation(world):
-    from fastxc.ablate import rank_features
-    from fastxc.analysis import open_inputs
-    from fastxc.diff import relative_norms
-    from fastxc.steer import most_predictive_feature
+    from fastxc.analysis.ablate import rank_features
+    from fastxc.analysis.inputs import open_inputs
+    from fastxc.analysis.diff import relative_norms
+    from fastxc.analysis.steer import most_predictive_feature
 
     cc = random_crosscoder([WIDTH, WIDTH], scales=world["reader"].scales)
     inp = open_inputs(cc, world["store"])
@@ -222,10 +222,10 @@ def test_most_predictive_feature_is_the_strongest_ablation(world):
 
 def test_most_predictive_feature_by_f1(world):
     """F1 of "feature fires" against "next token is Wait", checked by brute force over the store."""
-    from fastxc.analysis import open_inputs
-    from fastxc.diff import relative_norms
-    from fastxc.reasoning import marker_rows
-    from fastxc.steer import most_predictive_feature
+    from fastxc.analysis.inputs import open_inputs
+    from fastxc.analysis.diff import relative_norms
+    from fastxc.analysis.reasoning import marker_rows
+    from fastxc.analysis.steer import most_predictive_feature
 
     reader = world["reader"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
@@ -242,7 +242,7 @@ def test_most_predictive_feature_by_f1(world):
 
 
 def test_feature_direction_units(world):
-    from fastxc.steer import feature_direction
+    from fastxc.analysis.steer import feature_direction
 
     cc = random_crosscoder([WIDTH, WIDTH], scales=[2.0, 4.0])
     d = feature_direction(cc, [1, 2], 1)
@@ -250,7 +250,7 @@ def test_feature_direction_units(world):
 
 
 def test_marker_stats_and_think_length():
-    from fastxc.steer import Generation, marker_stats
+    from fastxc.analysis.steer import Generation, marker_stats
 
     g = [Generation("p", "a Wait , b Thus c </think> d", 10, 6, True),
          Generation("p", "Wait Wait Alternatively x", 6, 6, False)]
@@ -260,8 +260,8 @@ def test_marker_stats_and_think_length():
 
 
 def test_diff_means_direction(world):
-    from fastxc.reasoning import marker_rows
-    from fastxc.steer import diff_means_direction
+    from fastxc.analysis.reasoning import marker_rows
+    from fastxc.analysis.steer import diff_means_direction
 
     reader, tok = world["reader"], world["tok"]
     d = diff_means_direction(reader, tok, ["Wait"], source=0)
@@ -273,7 +273,7 @@ def test_diff_means_direction(world):
 
 
 def test_steer_cli(world, tmp_path, capsys):
-    from fastxc.steer import main
+    from fastxc.analysis.steer import main
 
     cc = random_crosscoder([WIDTH, WIDTH], scales=world["reader"].scales).save(tmp_path / "cc")
     (tmp_path / "p.txt").write_text("he is\nso we add\n")

@@ -26,7 +26,7 @@ def _default_store():
 
 @pytest.fixture(scope="module")
 def organism(tmp_path_factory):
-    from fastxc.analysis import open_inputs
+    from fastxc.analysis.inputs import open_inputs
 
     store = Path(os.environ.get("FASTXC_TEST_STORE") or _default_store())
     cc_dir = os.environ.get("FASTXC_TEST_CROSSCODER")
@@ -46,7 +46,7 @@ def organism(tmp_path_factory):
 
 def test_ablating_distilled_self_reflection_features_lowers_wait(organism):
     """Seed Figure 2: features active before "Wait" with NRN > 0.5, zero-ablated."""
-    from fastxc.ablate import ablate_category
+    from fastxc.analysis.ablate import ablate_category
 
     r = ablate_category(organism["inp"], "self-reflection", ["Wait"], n_positions=100, percents=(1, 5))
     d_base, d_dist = r["sets"]["nrn>0.5"]["delta"]
@@ -60,9 +60,9 @@ def test_ablating_distilled_self_reflection_features_lowers_wait(organism):
 def test_steering_with_wait_feature_overthinks(organism):
     """Seed section 5: the most Wait-predictive distilled-leaning feature raises "Wait" per token
     >= 5x at some alpha <= 8 x its mean activation, and thinking gets longer."""
-    from fastxc.analysis import read_texts
-    from fastxc.diff import feature_activity
-    from fastxc.steer import feature_direction, most_predictive_feature, steer_sweep
+    from fastxc.analysis.inputs import read_texts
+    from fastxc.analysis.diff import feature_activity
+    from fastxc.analysis.steer import feature_direction, most_predictive_feature, steer_sweep
 
     inp = organism["inp"]
     best, ranking = most_predictive_feature(inp, ["Wait"], source=1)
@@ -83,8 +83,8 @@ def test_steering_with_wait_feature_overthinks(organism):
 
 
 def test_fraction_of_loss_recovered(organism):
-    from fastxc.analysis import read_texts
-    from fastxc.evaluate import evaluate, text_sequences
+    from fastxc.analysis.inputs import read_texts
+    from fastxc.analysis.evaluate import evaluate, text_sequences
 
     inp = organism["inp"]
     corpus = organism["root"] / "corpus"
@@ -96,8 +96,8 @@ def test_fraction_of_loss_recovered(organism):
 
 
 def test_every_command_rejects_a_mismatched_crosscoder(organism, tmp_path, capsys):
-    from fastxc import ablate, diff, evaluate, geometry, reasoning, steer
-    from fastxc.crosscoder import Crosscoder
+    from fastxc.analysis import ablate, diff, evaluate, geometry, reasoning, steer
+    from fastxc.core.crosscoder import Crosscoder
 
     inp = organism["inp"]
     w = inp.crosscoder.widths[0]

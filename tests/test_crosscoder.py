@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastxc import Crosscoder
-from fastxc.diff import classify, decoder_cosine, relative_norms
+from fastxc.analysis.diff import classify, decoder_cosine, relative_norms
 
 ACTS = ["relu", "topk", "batchtopk"]
 WIDTHS = {"equal": [24, 24], "unequal": [24, 17], "three": [11, 7, 13]}

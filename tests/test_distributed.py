@@ -1,4 +1,4 @@
-"""Distributed training (fastxc.distributed) on CPU with gloo: 2 ranks under torchrun against
+"""Distributed training (fastxc.train.distributed) on CPU with gloo: 2 ranks under torchrun against
 1 process on the same global batches.
 
 Each torchrun launch costs ~10-35 s on the shared 2-core machine (three interpreters import
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastxc import distributed as dist_
-from fastxc.crosscoder import Crosscoder
-from fastxc.synthetic import PlantedSource
+from fastxc.train import distributed as dist_
+from fastxc.core.crosscoder import Crosscoder
+from fastxc.data.synthetic import PlantedSource
 from fastxc.train import find_checkpoint, main as train_main, parse_config, train
 
 # batchtopk with AuxK exercises every collective: the global k*B threshold, the running
@@ -329,7 +329,7 @@ def _one_step_worker(result_path: str) -> None:
 
     # data parallel reads only its rows of a store's global batch i, and every rank skips a
     # batch that is non-finite on any rank
-    from fastxc.store import open_store, write_store
+    from fastxc.data.store import open_store, write_store
 
     dctx = dataclasses.replace(ctx, mode="data")
     store = Path(result_path).parent / "store"

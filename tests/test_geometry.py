@@ -14,7 +14,7 @@ def test_parallelogram_loss_hand_computation():
     Ea, Eb = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     Ec, Ed = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 3.0])
     # a - b - c + d = (1 - 0 - 2 + 0, 0 - 1 - 0 + 3) = (-1, 2): norm sqrt(5); denominator sqrt(1 + 1 + 4 + 9)
-    from fastxc.geometry import parallelogram_loss
+    from fastxc.analysis.geometry import parallelogram_loss
 
     assert parallelogram_loss(Ea, Eb, Ec, Ed).item() == pytest.approx(math.sqrt(5) / math.sqrt(15), rel=1e-7)
     # a perfect parallelogram has loss 0; batched inputs give one loss per row
@@ -25,7 +25,7 @@ def test_parallelogram_loss_hand_computation():
 
 
 def test_pca_dims_and_projection():
-    from fastxc.geometry import pca
+    from fastxc.analysis.geometry import pca
 
     X = torch.randn(30, 12, dtype=torch.float64)
     for k in (2, 10, 12):
@@ -44,7 +44,7 @@ def test_pca_dims_and_projection():
 
 
 def test_class_losses_all_pairs():
-    from fastxc.geometry import class_losses, parallelogram_loss
+    from fastxc.analysis.geometry import class_losses, parallelogram_loss
 
     E = {w: torch.randn(3) for w in "abcdef"}
     pairs = [("a", "b"), ("c", "d"), ("e", "f")]
@@ -55,7 +55,7 @@ def test_class_losses_all_pairs():
 
 
 def test_shipped_word_pairs_load():
-    from fastxc.geometry import load_word_pairs
+    from fastxc.analysis.geometry import load_word_pairs
 
     classes = load_word_pairs()
     assert {"male-female", "antonyms", "present-past", "singular-plural", "country-capital"} <= set(classes)
@@ -68,7 +68,7 @@ def world():
 
 
 def test_geometry_analysis_on_tiny_models(world, tmp_path_factory):
-    from fastxc.geometry import geometry_analysis
+    from fastxc.analysis.geometry import geometry_analysis
 
     w = world
     classes = {"gender": [("he", "she"), ("him", "her"), ("king", "queen"), ("man", "woman")],
@@ -85,7 +85,7 @@ def test_geometry_analysis_on_tiny_models(world, tmp_path_factory):
 
 
 def test_geometry_cli_rejects_width_mismatch(world, tmp_path, capsys):
-    from fastxc.geometry import main
+    from fastxc.analysis.geometry import main
 
     w = world
     bad = random_crosscoder([WIDTH + 2, WIDTH + 2]).save(tmp_path / "cc")

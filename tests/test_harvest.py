@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastxc import harvest as H
-from fastxc import store as S
-from fastxc.harvest import HarvestError, harvest
-from fastxc.store import StoreError, open_store
+from fastxc.data import harvest as H
+from fastxc.data import store as S
+from fastxc.data.harvest import HarvestError, harvest
+from fastxc.data.store import StoreError, open_store
 
 WORDS_A = ("the cat sat on a mat and then it ran to the red house while a dog barked at birds "
            "near old trees").split()
@@ -415,7 +415,7 @@ def main_rc(argv) -> int:
 
 def _run_cli(argv, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fastxc.harvest", *argv], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "fastxc.data.harvest", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **kw)
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from fastxc.crosscoder import Crosscoder
+from fastxc.core.crosscoder import Crosscoder
 from tests.conftest import KERNEL_TOL
 
 WIDTHS = [40, 56]  # unequal sources

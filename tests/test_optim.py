@@ -1,11 +1,11 @@
-"""fastxc.optim.AdamInBackward: the same updates as torch's Adam, with no gradient kept."""
+"""fastxc.core.optim.AdamInBackward: the same updates as torch's Adam, with no gradient kept."""
 import copy
 
 import pytest
 import torch
 
 from fastxc import Crosscoder
-from fastxc.optim import AdamInBackward, adam
+from fastxc.core.optim import AdamInBackward, adam
 
 
 def _train(make_opt, steps=6, sd=None):

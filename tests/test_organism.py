@@ -218,7 +218,7 @@ def test_sample_stops_at_eos_and_counts_tokens(tmp_path, monkeypatch):
 def test_default_store_harvests_both_models_and_is_cached(tmp_path, monkeypatch):
     from fastxc.organism import default
     from fastxc.organism.check import pre_token_rows, wait_token_id
-    from fastxc.store import open_store
+    from fastxc.data.store import open_store
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("FASTXC_HOME", str(tmp_path))
@@ -235,9 +235,9 @@ def test_default_store_harvests_both_models_and_is_cached(tmp_path, monkeypatch)
     # the position right before "Wait" is the line break that starts each reasoning sentence
     assert {tok.decode([t]) for t in r.tokens[rows].tolist()} == {C.STEP_SEP}
     # the second call returns the cached store without harvesting
-    import fastxc.harvest
+    import fastxc.data.harvest
 
-    monkeypatch.setattr(fastxc.harvest, "harvest", lambda *a, **k: pytest.fail("harvested again"))
+    monkeypatch.setattr(fastxc.data.harvest, "harvest", lambda *a, **k: pytest.fail("harvested again"))
     assert default.default_store(config=cfg, tokens=3000, progress=False) == path
 
 

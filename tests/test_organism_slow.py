@@ -54,10 +54,10 @@ def test_default_crosscoder_finds_distilled_wait_feature(seed, tmp_path):
     active right before "Wait" fires at >= 80% of those positions, NRN >= 0.7, top 5%."""
     from transformers import AutoTokenizer
 
-    from fastxc.crosscoder import Crosscoder
+    from fastxc.core.crosscoder import Crosscoder
     from fastxc.organism.check import wait_feature_report, wait_token_id
     from fastxc.organism.default import default_store
-    from fastxc.store import open_store
+    from fastxc.data.store import open_store
     from fastxc.train import main
 
     store = default_store(seed=seed, progress=False)

@@ -67,13 +67,13 @@ def check_page(path: Path) -> _Checker:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every analysis's output folder, made on the tiny world through the library functions."""
-    from fastxc.ablate import ablate_category, plot_ablation
-    from fastxc.analysis import open_inputs, write_json
-    from fastxc.diff import diff_analysis
-    from fastxc.evaluate import evaluate, store_sequences
-    from fastxc.geometry import geometry_analysis
-    from fastxc.reasoning import reasoning_analysis
-    from fastxc.steer import feature_direction, plot_sweep, steer_sweep
+    from fastxc.analysis.ablate import ablate_category, plot_ablation
+    from fastxc.analysis.inputs import open_inputs, write_json
+    from fastxc.analysis.diff import diff_analysis
+    from fastxc.analysis.evaluate import evaluate, store_sequences
+    from fastxc.analysis.geometry import geometry_analysis
+    from fastxc.analysis.reasoning import reasoning_analysis
+    from fastxc.analysis.steer import feature_direction, plot_sweep, steer_sweep
 
     root = tmp_path_factory.mktemp("runs")
     w = shared_world()
@@ -101,7 +101,7 @@ def runs(tmp_path_factory):
 
 
 def test_report_embedded(runs, tmp_path):
-    from fastxc.report import main
+    from fastxc.analysis.report import main
 
     out = tmp_path / "r" / "report.html"
     assert main(["--runs", str(runs), "--out", str(out)]) == 0
@@ -116,7 +116,7 @@ def test_report_embedded(runs, tmp_path):
 
 
 def test_report_linked_images(runs, tmp_path):
-    from fastxc.report import build_report, find_sections
+    from fastxc.analysis.report import build_report, find_sections
 
     out = build_report(find_sections(runs), tmp_path / "page.html", link=True)
     c = check_page(out)
@@ -124,7 +124,7 @@ def test_report_linked_images(runs, tmp_path):
 
 
 def test_report_errors(tmp_path, capsys):
-    from fastxc.report import main
+    from fastxc.analysis.report import main
 
     assert main(["--runs", str(tmp_path), "--out", str(tmp_path / "x.html")]) == 2
     assert "nothing to report" in capsys.readouterr().err
@@ -150,7 +150,7 @@ def rendered_dom(page: Path) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_report_in_headless_chromium(runs, tmp_path):
-    from fastxc.report import build_report, find_sections
+    from fastxc.analysis.report import build_report, find_sections
 
     for link in (False, True):
         out = build_report(find_sections(runs), tmp_path / f"page{int(link)}.html", link=link)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastxc import _C
-from fastxc import store as S
-from fastxc.store import StoreError, StoreNotFoundError, open_store, write_store
+from fastxc.data import store as S
+from fastxc.data.store import StoreError, StoreNotFoundError, open_store, write_store
 
 DTYPES = ["bfloat16", "float16", "float32", "float8_e4m3fn"]
 

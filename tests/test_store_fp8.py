@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastxc.store import open_store, write_store
-from fastxc.synthetic import PlantedSource
+from fastxc.data.store import open_store, write_store
+from fastxc.data.synthetic import PlantedSource
 from fastxc.train import TrainConfig, train
 
 

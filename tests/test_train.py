@@ -12,8 +12,8 @@ import torch
 
 from fastxc import Crosscoder
 from fastxc import train as train_mod
-from fastxc.diff import classify, relative_norms
-from fastxc.synthetic import SHARED, PlantedSource, best_match, recovery
+from fastxc.analysis.diff import classify, relative_norms
+from fastxc.data.synthetic import SHARED, PlantedSource, best_match, recovery
 from fastxc.train import TrainConfig, main, train
 
 TINY = ["--source", "synthetic", "--widths", "16,16", "--n-features", "64", "--k", "4", "--batch-size", "64",
@@ -108,7 +108,7 @@ def test_config_file_and_flag_precedence(tmp_path):
 
 
 def _store(tmp_path, widths=(8, 8), rows=200):
-    from fastxc.store import write_store
+    from fastxc.data.store import write_store
 
     path = tmp_path / "store"
     write_store(path, [np.random.randn(rows, w).astype(np.float32) for w in widths])
@@ -208,7 +208,7 @@ def test_trains_from_store(tmp_path):
     store = _store(tmp_path, widths=(12, 20), rows=500)
     res = train(TrainConfig(store=str(store), n_features=32, k=4, batch_size=50, steps=20, out=str(tmp_path / "o"), progress=False))
     assert res.model.widths == [12, 20]
-    from fastxc.store import open_store
+    from fastxc.data.store import open_store
 
     torch.testing.assert_close(res.model.input_scale, torch.as_tensor(open_store(store).scales, dtype=torch.float32))
 

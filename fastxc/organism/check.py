@@ -36,7 +36,7 @@ def pre_token_rows(reader, token_id: int) -> np.ndarray:
     """Rows whose next row is ``token_id`` at the next position of the same document."""
     tok = reader.tokens
     if tok is None:
-        raise ValueError("the store keeps no token ids; harvest it with fastxc.harvest")
+        raise ValueError("the store keeps no token ids; harvest it with fastxc.data.harvest")
     doc, pos, ds = reader.meta("doc"), reader.meta("pos"), reader.meta("dataset")
     nxt = np.flatnonzero(tok[1:] == token_id)  # row r where row r+1 is the token
     if doc is not None and pos is not None:
@@ -69,7 +69,7 @@ def wait_feature_report(model, reader, wait_id: int, scan_rows: int = 50_000,
 
     Live features are those active on any of ``scan_rows`` random rows (or all rows).
     """
-    from fastxc.diff import relative_norms
+    from fastxc.analysis.diff import relative_norms
 
     n = len(reader)
     rng = np.random.default_rng(seed)

@@ -58,8 +58,8 @@ def write_store_corpus(folder: Path, seed: int, tokens: int, slip_rate: float) -
 def default_store(seed: int = 0, progress: bool = True, tokens: int = DEFAULT_TOKENS,
                   config: OrganismConfig | None = None) -> Path:
     """Path of the embedded default's store (sources "base", "distilled"), built if missing."""
-    from fastxc.harvest import harvest
-    from fastxc.store import MANIFEST
+    from fastxc.data.harvest import harvest
+    from fastxc.data.store import MANIFEST
 
     cfg = config if config is not None else OrganismConfig(seed=seed)
     root = store_dir(cfg, tokens)
@@ -86,11 +86,11 @@ def next_commands(run_dir: str | Path, seed: int = 0) -> list[str]:
     an = Path(run_dir) / "analysis"
     common = f"--crosscoder {cc} --store {st}"
     return [
-        f"python -m fastxc.diff {common} --out {an}/diff          # NRN histogram, top features",
-        f"python -m fastxc.reasoning {common} --out {an}/reasoning  # features before Wait, Therefore, ...",
-        f"python -m fastxc.ablate {common} --out {an}/ablate        # marker-logit change (seed Fig. 2)",
-        f"python -m fastxc.steer {common} --out {an}/steer --prompts {qs} --suffix ' <think>' "
+        f"python -m fastxc.analysis.diff {common} --out {an}/diff          # NRN histogram, top features",
+        f"python -m fastxc.analysis.reasoning {common} --out {an}/reasoning  # features before Wait, Therefore, ...",
+        f"python -m fastxc.analysis.ablate {common} --out {an}/ablate        # marker-logit change (seed Fig. 2)",
+        f"python -m fastxc.analysis.steer {common} --out {an}/steer --prompts {qs} --suffix ' <think>' "
         f"--feature auto:self-reflection   # over-thinking",
-        f"python -m fastxc.report --runs {an} --out {an}/report.html",
+        f"python -m fastxc.analysis.report --runs {an} --out {an}/report.html",
         "python -m fastxc.organism --help                 # rebuild the organism: size, steps, seed",
     ]

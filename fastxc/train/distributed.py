@@ -58,10 +58,10 @@ import torch.nn.functional as F_
 from torch import Tensor, nn
 
 from fastxc import kernels as K
-from fastxc.crosscoder import Crosscoder, CrosscoderOutput
+from fastxc.core.crosscoder import Crosscoder, CrosscoderOutput
 from fastxc.kernels import _dispatch
 
-log = logging.getLogger("fastxc.distributed")
+log = logging.getLogger("fastxc.train.distributed")
 
 PARALLEL_MODES = ("none", "data", "features")
 SHARDED_FORMAT = "fastxc-feature-sharded"

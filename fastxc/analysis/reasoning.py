@@ -5,7 +5,7 @@ A category is a set of marker words (defaults below). Its positions are the stor
 ablating features changes the marker's logit) or the marker tokens themselves (``at="on"``).
 For each category: how often each feature fires there, which features are active, and the NRN
 distribution of those features (PNG + JSON).
-CLI: ``python -m fastxc.reasoning --crosscoder DIR --store DIR [--categories FILE.json]``.
+CLI: ``python -m fastxc.analysis.reasoning --crosscoder DIR --store DIR [--categories FILE.json]``.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from fastxc.crosscoder import Crosscoder
-from fastxc.diff import relative_norms
-from fastxc.hooks import AnalysisError, same_doc_next
+from fastxc.core.crosscoder import Crosscoder
+from fastxc.analysis.diff import relative_norms
+from fastxc.analysis.hooks import AnalysisError, same_doc_next
 
 # The target markers of the seed study, by category.
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -123,7 +123,7 @@ def category_activity(cc: Crosscoder, reader, rows: np.ndarray, min_freq: float 
 def plot_category_nrn(results: dict, path: Path, names: Sequence[str]) -> Path:
     """One panel per category: histogram of the NRN of its active features (count and
     frequency-weighted)."""
-    from fastxc.analysis import pyplot, savefig
+    from fastxc.analysis.inputs import pyplot, savefig
 
     plt = pyplot()
     cats = list(results)
@@ -183,7 +183,7 @@ def reasoning_analysis(cc: Crosscoder, reader, tokenizer, categories: dict | Non
         }
     summary = {"sources": cc.source_names[:2], "at": at, "min_freq": min_freq, "ord": ord, "categories": results}
     if out is not None:
-        from fastxc.analysis import write_json
+        from fastxc.analysis.inputs import write_json
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -195,9 +195,9 @@ def reasoning_analysis(cc: Crosscoder, reader, tokenizer, categories: dict | Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis import inputs_from_args, out_dir, parser, run_cli
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
 
-    p = parser("python -m fastxc.reasoning", "Features active at reasoning markers and their NRN, per category.",
+    p = parser("python -m fastxc.analysis.reasoning", "Features active at reasoning markers and their NRN, per category.",
                store_required=True)
     p.add_argument("--categories", default=None, help='JSON file {"name": ["Marker", ...]} (default: the seed study\'s)')
     p.add_argument("--at", default="before", choices=POSITIONS, help="position: before the marker (predicts it) or on it")

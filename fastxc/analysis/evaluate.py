@@ -10,7 +10,7 @@ For model i, over the same token windows:
 
 BOS / pad / special positions keep their clean activation (the harvester never stores them).
 Per-source FVU and L0 come from store rows (``fastxc.train``'s definition of FVU).
-CLI: ``python -m fastxc.eval --crosscoder DIR --store DIR [--data FILE] [--out DIR]``.
+CLI: ``python -m fastxc.analysis.evaluate --crosscoder DIR --store DIR [--data FILE] [--out DIR]``.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F_
 
-from fastxc.analysis import (Inputs, encode_raw, inputs_from_args, out_dir, parser, read_texts, run_cli,
+from fastxc.analysis.inputs import (Inputs, encode_raw, inputs_from_args, out_dir, parser, read_texts, run_cli,
                              source_activations, write_json)
-from fastxc.crosscoder import Crosscoder
-from fastxc.hooks import AnalysisError, bos_prefix, edit_residual, pad_batch, pad_id_of, special_mask, store_contexts
+from fastxc.core.crosscoder import Crosscoder
+from fastxc.analysis.hooks import AnalysisError, bos_prefix, edit_residual, pad_batch, pad_id_of, special_mask, store_contexts
 
 
 class SpliceResult(NamedTuple):
@@ -123,7 +123,7 @@ def evaluate(inp: Inputs, sequences: Sequence[Sequence[int]], batch_size: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("python -m fastxc.eval", "Spliced-in next-token loss (fraction of loss recovered), FVU and L0.")
+    p = parser("python -m fastxc.analysis.evaluate", "Spliced-in next-token loss (fraction of loss recovered), FVU and L0.")
     p.add_argument("--data", default=None, help="held-out texts (.jsonl with --text-field, or .txt lines); default: windows of the store's tokens")
     p.add_argument("--text-field", default="text")
     p.add_argument("--eval-store", default=None, help="held-out store for FVU/L0 (default: --store)")
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise AnalysisError("nothing to evaluate on: pass --data FILE or --store DIR")
         eval_reader = None
         if args.eval_store:
-            from fastxc.store import open_store
+            from fastxc.data.store import open_store
 
             eval_reader = open_store(args.eval_store)
             if list(eval_reader.widths) != list(inp.crosscoder.widths):

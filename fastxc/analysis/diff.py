@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastxc.crosscoder import Crosscoder
+from fastxc.core.crosscoder import Crosscoder
 
 # Default class cut-offs on NRN: below ONLY_A_MAX the feature belongs to A alone, above
 # ONLY_B_MIN to B alone, in between it is shared.
@@ -146,7 +146,7 @@ def feature_contexts(model: Crosscoder, reader, tokenizer, feature: int, rows: S
     Each context: {"row", "activation", "tokens" [str], "acts" [float], "focus" (index of the row
     in tokens), "text" (tokens joined, the focus token in [[ ]])}.
     """
-    from fastxc.hooks import same_doc_next
+    from fastxc.analysis.hooks import same_doc_next
 
     if reader.tokens is None:
         raise ValueError(f"store {reader.path} keeps no token ids: no contexts")
@@ -179,7 +179,7 @@ def plot_nrn_histogram(nrn: Tensor, path, title: str = "", bins: int = 50, names
     """Seed Figure 1 (right): the distribution of NRN over features, log count axis. PNG."""
     from pathlib import Path
 
-    from fastxc.analysis import pyplot, savefig
+    from fastxc.analysis.inputs import pyplot, savefig
 
     plt = pyplot()
     v = nrn[~torch.isnan(nrn)].float().numpy()
@@ -231,7 +231,7 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
     """
     from pathlib import Path
 
-    from fastxc.analysis import write_json
+    from fastxc.analysis.inputs import write_json
 
     rn = relative_norms(model, a, b, ord)
     cos = decoder_cosine(model, a, b) if model.widths[a] == model.widths[b] else None
@@ -282,12 +282,12 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastxc.diff``: decoder-norm diffing of a crosscoder (seed Figure 1, Table 1)."""
+    """``python -m fastxc.analysis.diff``: decoder-norm diffing of a crosscoder (seed Figure 1, Table 1)."""
     import sys
 
-    from fastxc.analysis import inputs_from_args, out_dir, parser, run_cli
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
 
-    p = parser("python -m fastxc.diff", "Relative decoder norms, classes, NRN histogram, top/bottom features with contexts.")
+    p = parser("python -m fastxc.analysis.diff", "Relative decoder norms, classes, NRN histogram, top/bottom features with contexts.")
     p.add_argument("--ord", type=int, default=1, choices=(1, 2), help="norm of the decoder vectors (seed: 1)")
     p.add_argument("--only-a-max", type=float, default=ONLY_A_MAX, help="NRN below this: only in model A")
     p.add_argument("--only-b-min", type=float, default=ONLY_B_MIN, help="NRN above this: only in model B")

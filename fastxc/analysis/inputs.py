@@ -19,12 +19,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastxc.errors import report
-from fastxc.crosscoder import Crosscoder
-from fastxc.hooks import (AnalysisError, check_layer, config_dims, hidden_size, load_model, load_tokenizer,
+from fastxc.core.cli import report
+from fastxc.core.crosscoder import Crosscoder
+from fastxc.analysis.hooks import (AnalysisError, check_layer, config_dims, hidden_size, load_model, load_tokenizer,
                           model_config)
 
-log = logging.getLogger("fastxc.analysis")
+log = logging.getLogger("fastxc.analysis.inputs")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Inputs:
     """A crosscoder and what it was trained on. Models load lazily (``models()``)."""
 
     crosscoder: Crosscoder
-    reader: object | None  # fastxc.store.StoreReader
+    reader: object | None  # fastxc.data.store.StoreReader
     model_names: list[str | None]  # one per source; None: unknown (commands needing models fail)
     layer: int | None
     device: str = "cpu"
@@ -123,7 +123,7 @@ def open_inputs(crosscoder: str | Path | Crosscoder, store: str | Path | None = 
     cc.eval()
     reader = None
     if store is not None:
-        from fastxc.store import open_store
+        from fastxc.data.store import open_store
 
         reader = open_store(store)
         if list(reader.widths) != list(cc.widths):
@@ -240,7 +240,7 @@ def pyplot():
 @torch.no_grad()
 def source_activations(models: Sequence, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """Layer-``layer`` inputs of each model on one token batch: n tensors [B, T, d_i] (float32)."""
-    from fastxc.hooks import capture_residual
+    from fastxc.analysis.hooks import capture_residual
 
     dev = next(models[0].parameters()).device
     return [capture_residual(m, layer, ids.to(dev), mask.to(dev)) for m in models]

@@ -8,7 +8,7 @@ Buffers are pooled by capacity, not by shape: a request takes the smallest free 
 holds it (and is at most twice its size), so the encoder's [B, F] pre-activation, freed once
 the code is selected, is the same memory as the [F, D] gradients of backward. With the
 optimizer stepping each parameter as soon as its gradient is complete
-(``fastxc.optim.AdamInBackward``) a whole training step then needs one large buffer.
+(``fastxc.core.optim.AdamInBackward``) a whole training step then needs one large buffer.
 
 The pool hands out a buffer only when nobody else holds its storage any more (a dropped
 ``.grad``, a returned temporary); a buffer still referenced anywhere is never reused, so handing

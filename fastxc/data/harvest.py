@@ -1,6 +1,6 @@
 """Harvest residual-stream activations from Hugging Face causal LMs into an activation store.
 
-    python -m fastxc.harvest --model-a BASE --model-b FINETUNED \\
+    python -m fastxc.data.harvest --model-a BASE --model-b FINETUNED \\
         --dataset traces.jsonl:0.5 --dataset general.jsonl:0.5 --tokens 1000000 --out acts/
 
 Pipeline (every step deterministic, so a killed run resumes to the identical store):
@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastxc.errors import report
-from fastxc.store import (MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype)
+from fastxc.core.cli import report
+from fastxc.data.store import (MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype)
 
-log = logging.getLogger("fastxc.harvest")
+log = logging.getLogger("fastxc.data.harvest")
 
 STATE = "harvest-state.json"
 STATE_VERSION = 1
@@ -681,7 +681,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastxc.harvest",
+    p = _Parser(prog="python -m fastxc.data.harvest",
                                 description="Harvest residual-stream activations of HF models into a fastxc store.")
     p.add_argument("--model-a", help="first model (hub id or local folder)")
     p.add_argument("--model-b", help="second model")

@@ -11,7 +11,7 @@ Directions, all in the model's raw residual units [d]:
   model of the same width.
 
 The direction is added (times alpha) to the input of layer L at every position, prompt and
-generated tokens alike. CLI: ``python -m fastxc.steer --crosscoder DIR --store DIR --feature K
+generated tokens alike. CLI: ``python -m fastxc.analysis.steer --crosscoder DIR --store DIR --feature K
 --prompts FILE``.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastxc.analysis import decoder_slice
-from fastxc.crosscoder import Crosscoder
-from fastxc.hooks import AnalysisError, edit_residual, hidden_size
-from fastxc.reasoning import DEFAULT_CATEGORIES, marker_rows
+from fastxc.analysis.inputs import decoder_slice
+from fastxc.core.crosscoder import Crosscoder
+from fastxc.analysis.hooks import AnalysisError, edit_residual, hidden_size
+from fastxc.analysis.reasoning import DEFAULT_CATEGORIES, marker_rows
 
 THINK_CLOSE = "</think>"
 
@@ -84,8 +84,8 @@ def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min:
 
     Returns (feature, [(feature, score)] best first).
     """
-    from fastxc.diff import feature_activity, relative_norms
-    from fastxc.reasoning import category_activity
+    from fastxc.analysis.diff import feature_activity, relative_norms
+    from fastxc.analysis.reasoning import category_activity
 
     if method not in PREDICT_METHODS:
         raise AnalysisError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
@@ -102,7 +102,7 @@ def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min:
     if not cand:
         raise AnalysisError(f"no feature active before {list(words)} leans to source {source}")
     if method == "ablation":
-        from fastxc.ablate import rank_features
+        from fastxc.analysis.ablate import rank_features
 
         ranking = rank_features(inp, words, cand[:max_candidates], source, n_positions, context, seed)
         return ranking[0][0], ranking
@@ -201,7 +201,7 @@ def steer_sweep(model, tokenizer, prompts: Sequence[str], layer: int, direction:
 
 def plot_sweep(sweep: Sequence[dict], path: Path, title: str = "") -> Path:
     """Marker rates and thinking length against alpha."""
-    from fastxc.analysis import pyplot, savefig
+    from fastxc.analysis.inputs import pyplot, savefig
 
     plt = pyplot()
     a = [r["alpha"] for r in sweep]
@@ -220,10 +220,10 @@ def plot_sweep(sweep: Sequence[dict], path: Path, title: str = "") -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis import inputs_from_args, out_dir, parser, read_texts, run_cli, write_json
-    from fastxc.reasoning import load_categories
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, read_texts, run_cli, write_json
+    from fastxc.analysis.reasoning import load_categories
 
-    p = parser("python -m fastxc.steer", "Steer a model with crosscoder features or difference-of-means directions.")
+    p = parser("python -m fastxc.analysis.steer", "Steer a model with crosscoder features or difference-of-means directions.")
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with --prompt-field")
     p.add_argument("--prompt-field", default="question")
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' <think>'")
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.alpha_unit == "mean":
                 if inp.reader is None:
                     raise AnalysisError("--alpha-unit mean needs --store (to measure the features' mean activation)")
-                from fastxc.diff import feature_activity
+                from fastxc.analysis.diff import feature_activity
 
                 act = feature_activity(cc, inp.reader, n_rows=min(len(inp.reader), 50000), n_top=1)
                 unit = float(act.mean_act[feats].mean())

@@ -23,15 +23,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
-from fastxc import distributed as dist_
-from fastxc.errors import report
-from fastxc.optim import AdamInBackward
-from fastxc.crosscoder import ACTIVATIONS, Crosscoder
-from fastxc.diff import CLASS_NAMES, classify, relative_norms, text_histogram
+from fastxc.train import distributed as dist_
+from fastxc.core.cli import report
+from fastxc.core.optim import AdamInBackward
+from fastxc.core.crosscoder import ACTIVATIONS, Crosscoder
+from fastxc.analysis.diff import CLASS_NAMES, classify, relative_norms, text_histogram
 
 log = logging.getLogger("fastxc.train")
 
@@ -222,26 +222,11 @@ class DataSource(NamedTuple):
     source_names: list[str] | None
 
 
-def embedded_default_store(progress: bool = True) -> str | None:
-    """The embedded default's store, or None to use the synthetic source.
-
-    The model organism (``fastxc.organism``) supplies a store harvested from its two models
-    when it is installed in this build; until then the default run is the planted source.
-    """
-    try:
-        from fastxc.organism import default_store  # noqa: F401  (optional layer)
-    except ImportError:
-        return None
-    return str(default_store(progress=progress))
-
-
 def open_data(cfg: TrainConfig) -> DataSource:
     want = cfg.parsed_widths()
     store_path = cfg.store
-    if store_path is None and cfg.source is None:
-        store_path = embedded_default_store(progress=cfg.progress)
     if store_path is not None:
-        from fastxc.store import open_store
+        from fastxc.data.store import open_store
 
         reader = open_store(store_path)
         if len(reader) == 0:
@@ -251,7 +236,7 @@ def open_data(cfg: TrainConfig) -> DataSource:
             raise TrainError(f"--widths {want} do not match the store's widths {widths} ({store_path})")
         return DataSource(widths, reader.batches, reader.scales, f"store {store_path} ({len(reader)} rows)", list(reader.source_names))
 
-    from fastxc.synthetic import PlantedSource
+    from fastxc.data.synthetic import PlantedSource
 
     widths = want or [64, 64]
     src = PlantedSource(widths, n_shared=cfg.synthetic_shared, n_unique=cfg.synthetic_unique, noise=cfg.synthetic_noise, seed=cfg.seed)
@@ -279,7 +264,7 @@ def l1_at(cfg: TrainConfig, step: int) -> float:
 # ---------------------------------------------------------------------------- checkpoints
 def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> AdamInBackward:
     """Adam (fused where the device has it) stepped inside backward, so only one [F, D] gradient
-    is ever alive (fastxc.optim). Under --parallel data its hooks run after the model's own
+    is ever alive (fastxc.core.optim). Under --parallel data its hooks run after the model's own
     gradient-averaging hooks (registered first), so each rank steps with the averaged gradient."""
     return AdamInBackward(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
 
@@ -586,23 +571,23 @@ def print_summary(result: TrainResult, file=sys.stdout) -> None:
         print(f"classes: shared {c['shared']}, only-{a} {c['only-A']}, only-{b} {c['only-B']}", file=file)
 
 
-def print_next_commands(out: Path, file=sys.stdout) -> None:
-    """After the embedded default run: the analysis commands to try on its outputs."""
-    try:
-        from fastxc.organism.default import next_commands  # optional layer
-    except ImportError:
-        return
-    print("\nNext, try:", *next_commands(out), sep="\n  ", file=file)
+def main(argv: Sequence[str] | None = None, default_store: Callable[[bool], str] | None = None,
+         next_commands: Callable[[Path], list[str]] | None = None) -> int:
+    """CLI entry point; returns the process exit code.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code."""
+    With neither --store nor --source, ``default_store(progress)`` names the store to train on
+    (``fastxc.cli`` passes the organism's; without one the planted synthetic source is used),
+    and ``next_commands(out)`` lists the commands printed after the run.
+    """
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         try:
             cfg = parse_config(argv)
         except SystemExit as e:  # argparse: --help (0) or a bad flag (2, message already printed)
             return int(e.code or 0)
+        embedded = cfg.store is None and cfg.source is None
+        if embedded and default_store is not None:
+            cfg = dataclasses.replace(cfg, store=default_store(cfg.progress))
         result = train(cfg)
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume", file=sys.stderr)
@@ -611,10 +596,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(e)
     if result.summary:  # empty on ranks other than 0
         print_summary(result)
-        if cfg.store is None and cfg.source is None:
-            print_next_commands(result.out)
+        if embedded and next_commands is not None:
+            print("\nNext, try:", *next_commands(result.out), sep="\n  ")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,17 +2,17 @@
 
 It reads the output folders of the analysis commands (any subset):
 
-    diff/       diff.json, nrn_hist.png, features.jsonl      (python -m fastxc.diff)
-    reasoning/  reasoning.json, reasoning_nrn.png            (python -m fastxc.reasoning)
-    ablate/     ablate.json, ablate.png                      (python -m fastxc.ablate)
-    steer/      steer.json, steer.png                        (python -m fastxc.steer)
-    geometry/   geometry.json, geometry_pca*.png             (python -m fastxc.geometry)
-    eval/       eval.json                                    (python -m fastxc.eval)
+    diff/       diff.json, nrn_hist.png, features.jsonl      (python -m fastxc.analysis.diff)
+    reasoning/  reasoning.json, reasoning_nrn.png            (python -m fastxc.analysis.reasoning)
+    ablate/     ablate.json, ablate.png                      (python -m fastxc.analysis.ablate)
+    steer/      steer.json, steer.png                        (python -m fastxc.analysis.steer)
+    geometry/   geometry.json, geometry_pca*.png             (python -m fastxc.analysis.geometry)
+    eval/       eval.json                                    (python -m fastxc.analysis.evaluate)
 
 Images are embedded as base64 by default (one self-contained file); ``--link`` copies them into
 ``<name>_files/`` beside the page and references them relatively instead. The top features are
 shown with their top-activating contexts, each token shaded by the feature's activation.
-CLI: ``python -m fastxc.report --runs ROOT --out report.html`` (ROOT holds the folders above).
+CLI: ``python -m fastxc.analysis.report --runs ROOT --out report.html`` (ROOT holds the folders above).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fastxc.hooks import AnalysisError
+from fastxc.analysis.hooks import AnalysisError
 
 SECTIONS = ("eval", "diff", "reasoning", "ablate", "steer", "geometry")
 _CSS = """
@@ -259,9 +259,9 @@ def find_sections(root: str | Path) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis import _Parser, run_cli
+    from fastxc.analysis.inputs import _Parser, run_cli
 
-    p = _Parser(prog="python -m fastxc.report", description="One static HTML page from the analyses' outputs.")
+    p = _Parser(prog="python -m fastxc.analysis.report", description="One static HTML page from the analyses' outputs.")
     p.add_argument("--runs", default=None, help="folder holding eval/ diff/ reasoning/ ablate/ steer/ geometry/")
     for key in SECTIONS:
         p.add_argument(f"--{key}", default=None, help=f"the {key} output folder (overrides --runs)")

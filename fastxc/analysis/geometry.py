@@ -9,9 +9,9 @@ activations of the words,
 over all unordered pairs of pairs. A word's activation is the layer input at its token when the
 model reads ``[BOS] word`` (single-token words only, the seed's rule; " word" with a leading space
 is preferred, as in running text). PCA is fitted per model on all the words it is evaluated on.
-The word-pair set shipped in ``fastxc/data/word_pairs.json``; users pass their own JSON
+The word-pair set shipped in ``fastxc/analysis/word_pairs.json``; users pass their own JSON
 ``{"class": [["a", "b"], ...]}``.
-CLI: ``python -m fastxc.geometry --model-a A --model-b B --layer L [--pairs FILE] [--dims 2,10,20]``.
+CLI: ``python -m fastxc.analysis.geometry --model-a A --model-b B --layer L [--pairs FILE] [--dims 2,10,20]``.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastxc.hooks import AnalysisError, bos_prefix, capture_residual, pad_batch, pad_id_of
+from fastxc.analysis.hooks import AnalysisError, bos_prefix, capture_residual, pad_batch, pad_id_of
 
-DEFAULT_PAIRS = Path(__file__).parent / "data" / "word_pairs.json"
+DEFAULT_PAIRS = Path(__file__).parent / "word_pairs.json"
 DEFAULT_DIMS = (2, 10, 20)
 
 
@@ -159,7 +159,7 @@ def geometry_analysis(models: Sequence, names: Sequence[str], tokenizer, layer: 
                 res["losses"][str(k)][cls][name] = L.tolist()
                 res["median"][str(k)][cls][name] = float(L.median()) if L.numel() else float("nan")
     if out is not None:
-        from fastxc.analysis import write_json
+        from fastxc.analysis.inputs import write_json
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def plot_cdf(losses: dict, path: Path, title: str) -> Path:
     """Seed Figure 4: cumulative fraction against parallelogram loss, one panel per class."""
     import math
 
-    from fastxc.analysis import pyplot, savefig
+    from fastxc.analysis.inputs import pyplot, savefig
 
     plt = pyplot()
     cls = list(losses)
@@ -197,9 +197,9 @@ def plot_cdf(losses: dict, path: Path, title: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis import inputs_from_args, out_dir, parser, run_cli
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
 
-    p = parser("python -m fastxc.geometry", "Parallelogram loss of word-pair analogies on PCA-reduced activations (seed Fig. 4).")
+    p = parser("python -m fastxc.analysis.geometry", "Parallelogram loss of word-pair analogies on PCA-reduced activations (seed Fig. 4).")
     p.add_argument("--pairs", default=None, help='word-pair JSON {"class": [["a", "b"], ...]} (default: the shipped set)')
     p.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="PCA dimensions")
     args = p.parse_args(argv)

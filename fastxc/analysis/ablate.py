@@ -10,10 +10,10 @@ which equals the reconstruction without S plus the reconstruction error (the err
 BOS / pad positions are left alone. The reported number is the mean change of the target
 token's logit (ablated - clean) at the last position of each window, which predicts the target.
 
-Category ablation takes N random positions just before a marker (``fastxc.reasoning``) and the
+Category ablation takes N random positions just before a marker (``fastxc.analysis.reasoning``) and the
 feature sets (a) active features with NRN > 0.5 and (b) the top-k% most frequently active
 features (k% of the dictionary, among features active on the category).
-CLI: ``python -m fastxc.ablate --crosscoder DIR --store DIR --category self-reflection``.
+CLI: ``python -m fastxc.analysis.ablate --crosscoder DIR --store DIR --category self-reflection``.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastxc.analysis import Inputs, decoder_slice, encode_raw, source_activations
-from fastxc.crosscoder import Crosscoder
-from fastxc.diff import relative_norms
-from fastxc.hooks import AnalysisError, bos_prefix, edit_residual, pad_batch, pad_id_of, special_mask, store_contexts
-from fastxc.reasoning import category_activity, load_categories, marker_rows
+from fastxc.analysis.inputs import Inputs, decoder_slice, encode_raw, source_activations
+from fastxc.core.crosscoder import Crosscoder
+from fastxc.analysis.diff import relative_norms
+from fastxc.analysis.hooks import AnalysisError, bos_prefix, edit_residual, pad_batch, pad_id_of, special_mask, store_contexts
+from fastxc.analysis.reasoning import category_activity, load_categories, marker_rows
 
 PERCENTS = (0.5, 1, 2, 5, 10, 20)
 
@@ -172,7 +172,7 @@ def rank_features(inp: Inputs, words: Sequence[str], candidates: Sequence[int], 
 
 def plot_ablation(results: Sequence[dict], path: Path) -> Path:
     """Seed Figure 2: per category, grouped bars of the mean target-logit change per feature set."""
-    from fastxc.analysis import pyplot, savefig
+    from fastxc.analysis.inputs import pyplot, savefig
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(max(4.5, 4.2 * len(results)), 3.4), squeeze=False)
@@ -197,9 +197,9 @@ def plot_ablation(results: Sequence[dict], path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis import inputs_from_args, out_dir, parser, run_cli, write_json
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli, write_json
 
-    p = parser("python -m fastxc.ablate", "Zero-ablate reasoning features and report the marker-logit change (seed Fig. 2).",
+    p = parser("python -m fastxc.analysis.ablate", "Zero-ablate reasoning features and report the marker-logit change (seed Fig. 2).",
                store_required=True)
     p.add_argument("--category", action="append", default=None,
                    help="category to ablate (repeatable; default: all of --categories / the seed's four)")

@@ -1,0 +1,75 @@
+"""The ``fastxc`` command: one entry point with a subcommand per job.
+
+    fastxc train [flags]        train a crosscoder (no flags: the embedded default)
+    fastxc harvest [flags]      write an activation store from Hugging Face models
+    fastxc organism [flags]     build (or reuse) the model organism
+    fastxc diff | reasoning | ablate | steer | geometry | eval | report [flags]
+
+``python -m fastxc <subcommand>`` is the same command; ``python -m fastxc.train`` is the
+training subcommand. This module is the top layer: it may import every layer below it, and the
+embedded default (the organism's store) is resolved here, so the trainer never imports the
+organism.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+# subcommand -> (module holding main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fastxc.cli", "train a crosscoder (no flags: the embedded default)"),
+    "harvest": ("fastxc.data.harvest", "harvest model activations into a store"),
+    "organism": ("fastxc.organism.__main__", "build (or reuse) the model organism"),
+    "diff": ("fastxc.analysis.diff", "decoder-norm diffing: NRN histogram, feature classes"),
+    "reasoning": ("fastxc.analysis.reasoning", "features active before reasoning markers"),
+    "ablate": ("fastxc.analysis.ablate", "ablate features, measure the marker-logit change"),
+    "steer": ("fastxc.analysis.steer", "steer generation with a feature or a direction"),
+    "geometry": ("fastxc.analysis.geometry", "word-pair geometry of both models' residuals"),
+    "eval": ("fastxc.analysis.evaluate", "spliced-in loss recovered, FVU and L0"),
+    "report": ("fastxc.analysis.report", "one HTML page from the analyses' outputs"),
+}
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``fastxc train``: ``fastxc.train.main`` with the embedded default (the organism's store)
+    when neither --store nor --source is given, and the next commands printed after it."""
+    from fastxc.train import main
+
+    def default_store(progress: bool) -> str:
+        from fastxc.organism import default_store as organism_store
+
+        return str(organism_store(progress=progress))
+
+    def next_commands(out) -> list[str]:
+        from fastxc.organism.default import next_commands as organism_next
+
+        return organism_next(out)
+
+    return main(argv, default_store=default_store, next_commands=next_commands)
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+    return f"usage: fastxc <command> [flags]   (fastxc <command> --help for its flags)\n\ncommands:\n{rows}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fastxc`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if name == "train":
+        return train_main(rest)
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
