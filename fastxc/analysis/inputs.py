@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastxc.core.cli import report
+from fastxc.core.cli import Parser, report
 from fastxc.core.crosscoder import Crosscoder
 from fastxc.analysis.hooks import (AnalysisError, check_layer, config_dims, hidden_size, load_model, load_tokenizer,
                           model_config)
@@ -155,14 +155,9 @@ def open_inputs(crosscoder: str | Path | Crosscoder, store: str | Path | None = 
 
 
 # ---------------------------------------------------------------------------- CLI helpers
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parser(prog: str, description: str, store_required: bool = False) -> argparse.ArgumentParser:
     """An argparse parser with the inputs every analysis takes."""
-    p = _Parser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description)
     p.add_argument("--crosscoder", required=True, help="crosscoder folder (Crosscoder.save / train's OUT/crosscoder)")
     p.add_argument("--store", required=store_required, default=None, help="activation store the crosscoder was trained on")
     p.add_argument("--model-a", default=None, help="model of source 0 (HF id or folder; default: from the store manifest)")

@@ -1,8 +1,27 @@
-"""How every fastxc command reports bad input: one ``error: ...`` line on stderr."""
+"""The contract every fastxc command keeps with its user.
+
+* Bad flags: one line ``error: ... (see --help)`` on stderr and exit status 2, no usage dump;
+  flags are never abbreviated (``--n-feature`` is an error, not ``--n-features``).
+* Bad input found later (missing files, wrong shapes, corrupt stores): ``report(exc)`` prints
+  one ``error: ...`` line and returns 2; ``FASTXC_DEBUG=1`` re-raises with the traceback.
+"""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with fastxc's error contract; ``--help`` shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def report(exc: BaseException) -> int:

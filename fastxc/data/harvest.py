@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastxc.core.cli import report
+from fastxc.core.cli import Parser, report
 from fastxc.data.store import (MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype)
 
 log = logging.getLogger("fastxc.data.harvest")
@@ -675,13 +675,8 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
 
 
 # ------------------------------------------------------------------------------------------ CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other fastxc command
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastxc.data.harvest",
+    p = Parser(prog="python -m fastxc.data.harvest",
                                 description="Harvest residual-stream activations of HF models into a fastxc store.")
     p.add_argument("--model-a", help="first model (hub id or local folder)")
     p.add_argument("--model-b", help="second model")

@@ -10,22 +10,23 @@ import dataclasses
 import json
 import sys
 
+from fastxc.core.cli import Parser
 from fastxc.organism.build import OrganismConfig, build_organism, load_organism, organism_dir
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastxc.organism", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m fastxc.organism", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(OrganismConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default: {f.default})")
+                       help=f.name.replace("_", " "))
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--out", default=None, help="build into this folder instead of the cache")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (None: all cores)")
     p.add_argument("--eval", type=int, default=50, metavar="N",
                    help="sample both models on N held-out questions afterwards (0: skip)")
     p.add_argument("--eval-max-tokens", type=int, default=160, metavar="T",
                    help="stop each sample after T generated tokens if no end of text")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

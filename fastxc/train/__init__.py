@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import torch
 
 from fastxc.train import distributed as dist_
-from fastxc.core.cli import report
+from fastxc.core.cli import Parser, report
 from fastxc.core.optim import AdamInBackward
 from fastxc.core.crosscoder import ACTIVATIONS, Crosscoder
-from fastxc.analysis.diff import CLASS_NAMES, classify, relative_norms, text_histogram
+from fastxc.core.norms import CLASS_NAMES, classify, relative_norms, text_histogram
 
 log = logging.getLogger("fastxc.train")
 
@@ -137,13 +137,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
@@ -153,7 +146,7 @@ def _bool(v: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m fastxc.train",
         description="Train a sparse crosscoder. With no arguments: the embedded default, offline.",
         argument_default=argparse.SUPPRESS,
