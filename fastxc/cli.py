@@ -33,7 +33,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``fastxc train``: ``fastxc.train.main`` with the embedded default (the organism's store)
-    when neither --store nor --source is given, and the next commands printed after it."""
+    when neither --store nor --source is given, and the next commands printed after it.
+
+    The embedded default runs under pinned CPU numerics (``fastxc.core.numerics``), so its
+    crosscoder is the same on every x86-64 machine; called before torch starts (as the
+    command line does), this pins the process.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.split("=")[0] in ("--store", "--source", "--config") for a in args):
+        from fastxc.core import numerics
+
+        numerics.pin()
+
     from fastxc.train import main
 
     def default_store(progress: bool) -> str:
@@ -46,7 +57,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
         return organism_next(out)
 
-    return main(argv, default_store=default_store, next_commands=next_commands)
+    return main(args, default_store=default_store, next_commands=next_commands)
 
 
 def _usage() -> str:

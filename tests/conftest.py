@@ -7,6 +7,12 @@ import os
 
 import pytest
 
+# Pinned CPU numerics before torch starts: the organism acceptance tests then see the same floats
+# on every x86-64 machine (fastxc.core.numerics says why and how).
+from fastxc.core import numerics
+
+numerics.pin()
+
 try:  # torch.cuda needs torch; importing it here is cheap and happens once
     import torch
 

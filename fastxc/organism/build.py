@@ -34,11 +34,14 @@ from typing import NamedTuple
 
 import torch
 
+from fastxc.core import numerics
 from fastxc.organism.corpus import Corpus, build_corpus
 from fastxc.organism.tokenizer import train_tokenizer
 
 # Bump when anything that changes the built models changes (corpus, tokenizer, training).
-RECIPE_VERSION = 3
+# v4: the v3 recipe built under pinned CPU numerics (fastxc.core.numerics), so every x86-64
+# machine builds the same weights.
+RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -224,10 +227,19 @@ def write_heldout(corpus: Corpus, folder: Path) -> dict[str, Path]:
 
 def build_organism(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None,
                    progress: bool = True, threads: int | None = None) -> Organism:
-    """Build the organism into ``out`` (default: its cache folder), replacing what is there."""
+    """Build the organism into ``out`` (default: its cache folder), replacing what is there.
+
+    The build runs under pinned CPU numerics (``fastxc.core.numerics``): in this process when
+    it is pinned, else in a pinned child process, so the weights do not depend on the CPU.
+    """
     from tqdm.auto import tqdm
 
     final = Path(out) if out is not None else organism_dir(cfg)
+    if not numerics.is_pinned():
+        run_pinned(["-m", "fastxc.organism", "--out", str(final), "--eval", "0",
+                    *config_flags(cfg), *(["--threads", str(threads)] if threads else []),
+                    *([] if progress else ["--no-progress"])])
+        return _organism(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -271,6 +283,8 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), out: str | Path | Non
     timings["total_s"] = round(time.time() - t0, 1)
     info = {
         "recipe_version": RECIPE_VERSION, "config": asdict(cfg), "timings": timings,
+        "numerics": numerics.describe(),
+        "sha256": {name: file_sha256(tmp / name / "model.safetensors") for name in ("base", "distilled")},
         "base_losses": base_losses, "distill_losses": distill_losses,
         "tokens": {"general": len(general_s), "traces": len(trace_s)},
         "half_depth_layer": cfg.n_layers // 2,
@@ -301,3 +315,27 @@ def load_organism(cfg: OrganismConfig = OrganismConfig(), progress: bool = True,
 
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(OrganismConfig))
+
+
+def config_flags(cfg: OrganismConfig) -> list[str]:
+    """``cfg`` as ``python -m fastxc.organism`` flags."""
+    return [a for f in config_fields() for a in ("--" + f.name.replace("_", "-"), str(getattr(cfg, f.name)))]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (a stage's output, recorded so two machines can compare)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_pinned(args: list[str]) -> None:
+    """Run ``python ARGS`` in a child process with pinned CPU numerics; raise if it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, *args], env=numerics.pinned_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"pinned-numerics step failed (exit {proc.returncode}): python {' '.join(args)}")

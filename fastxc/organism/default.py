@@ -16,11 +16,13 @@ organism's key and ``STORE_VERSION``; a second call returns it at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 
-from fastxc.organism.build import OrganismConfig, _quiet_threads, fastxc_home, load_organism
+from fastxc.core import numerics
+from fastxc.organism.build import OrganismConfig, _quiet_threads, fastxc_home, load_organism, run_pinned
 from fastxc.organism.corpus import general_text, reasoning_trace
 
 # Bump when the store corpus or the harvest settings below change.
@@ -65,6 +67,13 @@ def default_store(seed: int = 0, progress: bool = True, tokens: int = DEFAULT_TO
     root = store_dir(cfg, tokens)
     store = root / "store"
     if (store / MANIFEST).is_file():
+        return store
+    if not numerics.is_pinned():  # harvest under pinned numerics too (see build_organism)
+        run_pinned(["-c", "import sys, json; from fastxc.organism.default import default_store; "
+                          "from fastxc.organism.build import OrganismConfig; "
+                          "default_store(progress=sys.argv[1] == '1', tokens=int(sys.argv[2]), "
+                          "config=OrganismConfig(**json.loads(sys.argv[3])))",
+                    "1" if progress else "0", str(tokens), json.dumps(dataclasses.asdict(cfg))])
         return store
     org = load_organism(cfg, progress=progress)
     specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate)
