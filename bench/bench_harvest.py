@@ -115,13 +115,13 @@ def test_forward_to_layer(benchmark, setup):
 
 @pytest.mark.benchmark(group="harvest-2-models-4x8x128")
 def test_load(benchmark, setup):
-    from transformers import AutoConfig
+    from fastxc.data.models import load_config, load_model, load_tokenizer
 
     def run():
         for d in setup["dirs"]:
-            H.load_tokenizer(str(d))
-            AutoConfig.from_pretrained(str(d))
-            H.load_model(str(d))
+            load_tokenizer(str(d))
+            load_config(str(d))
+            load_model(str(d))
 
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
     _record(benchmark, "load")

@@ -46,9 +46,10 @@ def test_diff_analysis_outputs(world, tmp_path):
 
     reader = world["reader"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
-    with torch.no_grad():  # make feature 0 B-only and feature 1 A-only
+    with torch.no_grad():  # make feature 0 B-only and feature 1 A-only, both firing on every row
         cc.W_dec[0, :WIDTH] = 0
         cc.W_dec[1, WIDTH:] = 0
+        cc.b_enc[:2] = 100.0  # pre-activation far above any other: always among the top k
     calls = []
     s = diff_analysis(cc, reader, world["tok"], tmp_path, top_n=3, n_examples=2,
                       annotate=lambda rec: calls.append(rec["feature"]) or f"feature {rec['feature']}")
@@ -59,8 +60,8 @@ def test_diff_analysis_outputs(world, tmp_path):
     top = [r for r in recs if r["group"] == "top"]
     assert [r["rank"] for r in top] == [0, 1, 2]
     assert all(top[i]["nrn"] >= top[i + 1]["nrn"] for i in range(2))
-    if s["live_features"] and 0 in s["top_features"]:
-        assert s["top_features"][0] == 0  # NRN exactly 1
+    assert s["top_features"][0] == 0 and top[0]["nrn"] == 1.0  # the only B-only feature: NRN exactly 1
+    assert s["bottom_features"][0] == 1 and s["records"][3]["nrn"] == 0.0  # the only A-only feature: NRN 0
     for r in recs:
         assert r["annotation"] == f"feature {r['feature']}"
         for c in r["contexts"]:

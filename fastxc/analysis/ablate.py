@@ -28,7 +28,8 @@ import torch
 from fastxc.analysis.inputs import Inputs, decoder_slice, encode_raw, source_activations
 from fastxc.core.crosscoder import Crosscoder
 from fastxc.analysis.diff import relative_norms
-from fastxc.analysis.hooks import AnalysisError, bos_prefix, edit_residual, pad_batch, pad_id_of, special_mask, store_contexts
+from fastxc.analysis.hooks import AnalysisError, bos_prefix, edit_residual, pad_id_of, special_mask, store_contexts
+from fastxc.data.models import pad_batch
 from fastxc.analysis.reasoning import category_activity, load_categories, marker_rows
 
 PERCENTS = (0.5, 1, 2, 5, 10, 20)
@@ -192,8 +193,7 @@ def plot_ablation(results: Sequence[dict], path: Path) -> Path:
         ax.set_title(f"{r['category']} ({r['n_positions']} positions)", fontsize=9)
         ax.set_ylabel("mean target-logit change")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    return savefig(fig, Path(path))
+    return savefig(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

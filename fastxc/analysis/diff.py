@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from fastxc.core.crosscoder import Crosscoder
-from fastxc.core.norms import (CLASS_NAMES, ONLY_A_MAX, ONLY_B_MIN, RelativeNorms, classify,  # noqa: F401
-                               decoder_cosine, relative_norms, text_histogram)
+from fastxc.core.norms import (CLASS_NAMES, ONLY_A_MAX, ONLY_B_MIN, classify, decoder_cosine, relative_norms,
+                               text_histogram)
 
 
 class FeatureActivity(NamedTuple):
@@ -107,8 +107,6 @@ def feature_contexts(model: Crosscoder, reader, tokenizer, feature: int, rows: S
 # ---------------------------------------------------------------------------- report pieces
 def plot_nrn_histogram(nrn: Tensor, path, title: str = "", bins: int = 50, names: Sequence[str] = ("A", "B")):
     """Seed Figure 1 (right): the distribution of NRN over features, log count axis. PNG."""
-    from pathlib import Path
-
     from fastxc.analysis.inputs import pyplot, savefig
 
     plt = pyplot()
@@ -119,7 +117,7 @@ def plot_nrn_histogram(nrn: Tensor, path, title: str = "", bins: int = 50, names
     ax.set_xlabel(f"normalised relative norm  (0: only {names[0]}, 1: only {names[1]})")
     ax.set_ylabel("features")
     ax.set_title(title or f"NRN of {len(v)} features, mean {v.mean():.3f}" if len(v) else "no live features")
-    return savefig(fig, Path(path))
+    return savefig(fig, path, tight_layout=False)
 
 
 def export_features_jsonl(path, records: Sequence[dict], annotate: Callable[[dict], str] | None = None) -> int:
@@ -213,8 +211,6 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastxc.analysis.diff``: decoder-norm diffing of a crosscoder (seed Figure 1, Table 1)."""
-    import sys
-
     from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
 
     p = parser("python -m fastxc.analysis.diff", "Relative decoder norms, classes, NRN histogram, top/bottom features with contexts.")

@@ -24,7 +24,8 @@ import torch.nn.functional as F_
 from fastxc.analysis.inputs import (Inputs, encode_raw, inputs_from_args, out_dir, parser, read_texts, run_cli,
                              source_activations, write_json)
 from fastxc.core.crosscoder import Crosscoder
-from fastxc.analysis.hooks import AnalysisError, bos_prefix, edit_residual, pad_batch, pad_id_of, special_mask, store_contexts
+from fastxc.analysis.hooks import AnalysisError, bos_prefix, edit_residual, pad_id_of, special_mask, store_contexts
+from fastxc.data.models import pad_batch
 
 
 class SpliceResult(NamedTuple):

@@ -16,7 +16,6 @@ CLI: ``python -m fastxc.analysis.geometry --model-a A --model-b B --layer L [--p
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastxc.analysis.hooks import AnalysisError, bos_prefix, capture_residual, pad_batch, pad_id_of
+from fastxc.analysis.hooks import AnalysisError, bos_prefix, capture_residual, pad_id_of, read_json
+from fastxc.data.models import pad_batch
 
 DEFAULT_PAIRS = Path(__file__).parent / "word_pairs.json"
 DEFAULT_DIMS = (2, 10, 20)
@@ -55,12 +55,7 @@ def pca(X: torch.Tensor, dims: int) -> torch.Tensor:
 def load_word_pairs(path: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
     """Function classes from a JSON file {"class": [["a", "b"], ...]} (keys starting with _ ignored)."""
     p = Path(path) if path is not None else DEFAULT_PAIRS
-    if not p.is_file():
-        raise FileNotFoundError(f"no word-pair file: {p}")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise AnalysisError(f"{p}: not valid JSON ({e.msg})") from None
+    raw = read_json(p, "word-pair file")
     if not isinstance(raw, dict):
         raise AnalysisError(f"{p}: expected an object {{class: [[a, b], ...]}}")
     out = {}
@@ -191,9 +186,7 @@ def plot_cdf(losses: dict, path: Path, title: str) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(cls):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return savefig(fig, Path(path))
+    return savefig(fig, path, title, title_size=10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Hugging Face model plumbing shared by the analysis commands.
+"""Hugging Face model plumbing shared by the analysis commands. Loading models and tokenizers
+and finding the decoder layers live in ``fastxc.data.models``, shared with the harvester.
 
 The crosscoder reads the *residual stream input of decoder layer L* (what the harvester stores):
 the ``hidden_states`` argument of ``layers[L]``. Everything here works through forward
@@ -10,11 +11,13 @@ pre-hooks on that layer, so it needs no model-specific code beyond finding the l
   forward inside it (generation included: each decoding step passes through the hook).
 
 Token sequences for a store row are rebuilt from the store's side arrays (``tokens``, ``doc``,
-``pos``) by ``store_contexts``.
+``pos``) by ``store_contexts``. ``AnalysisError`` and ``read_json`` (the analyses' JSON inputs)
+live here too: a light module every analysis imports.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -22,87 +25,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastxc.data.models import decoder_layers
+
 
 class AnalysisError(ValueError):
     """Bad input to an analysis (mismatched widths, unknown layer, no marker found...)."""
 
 
-# Attribute paths of the decoder layer list in the architectures transformers ships.
-_LAYER_PATHS = (
-    "model.layers",  # Llama, Qwen2, Mistral, Gemma, Phi3, ...
-    "model.decoder.layers",  # OPT
-    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
-    "gpt_neox.layers",  # Pythia
-    "model.language_model.layers",  # multimodal wrappers
-    "layers",
-)
-
-
-def load_model(name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) from a Hugging Face id or a local folder.
-
-    Raises AnalysisError with one line when it cannot be loaded (no network: ids must be cached).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # keep stderr for our one-line errors
+def read_json(path: str | Path, what: str = "file"):
+    """The JSON value in ``path``: FileNotFoundError ("no {what}: path") when it is missing,
+    AnalysisError with the parser's message when it is not valid JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no {what}: {p}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(name))
-        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise AnalysisError(f"cannot load model {name}: {str(e).strip().splitlines()[0]}") from None
-    return model.to(device).eval(), tok
-
-
-def model_config(name: str | Path):
-    """The model's config (no weights loaded): checks widths/layers before the expensive load."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(name))
-    except (OSError, ValueError) as e:
-        raise AnalysisError(f"cannot load model {name}: {str(e).strip().splitlines()[0]}") from None
-
-
-def config_dims(cfg) -> tuple[int, int]:
-    """(residual width, decoder layers) from a transformers config."""
-    cfg = getattr(cfg, "text_config", None) or cfg
-    width = next((getattr(cfg, n) for n in ("hidden_size", "n_embd", "d_model") if getattr(cfg, n, None)), None)
-    layers = next((getattr(cfg, n) for n in ("num_hidden_layers", "n_layer", "num_layers") if getattr(cfg, n, None)), None)
-    if width is None or layers is None:
-        raise AnalysisError(f"cannot read the residual width / layer count of a {type(cfg).__name__}")
-    return int(width), int(layers)
-
-
-def load_tokenizer(name: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(name))
-    except (OSError, ValueError) as e:
-        raise AnalysisError(f"cannot load tokenizer {name}: {str(e).strip().splitlines()[0]}") from None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM (Llama/Qwen2/GPT-2/NeoX/OPT layouts)."""
-    for path in _LAYER_PATHS:
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise AnalysisError(f"cannot find the decoder layer list of {type(model).__name__}")
-
-
-def hidden_size(model: nn.Module) -> int:
-    cfg = model.config
-    for name in ("hidden_size", "n_embd", "d_model"):
-        if getattr(cfg, name, None):
-            return int(getattr(cfg, name))
-    raise AnalysisError(f"cannot read the residual width of {type(model).__name__}")
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise AnalysisError(f"{p}: not valid JSON ({e.msg})") from None
 
 
 def check_layer(model: nn.Module, layer: int, name: str = "model") -> None:
@@ -165,23 +104,6 @@ def capture_residual(model: nn.Module, layer: int, input_ids: Tensor, attention_
     finally:
         handle.remove()
     return out[0]
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token lists -> (input_ids [B, T] int64, attention_mask [B, T] int64).
-
-    Right padding keeps position ids equal to token positions, and causal attention means the
-    pads never influence a real position.
-    """
-    if not seqs:
-        raise AnalysisError("no sequences to run")
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def pad_id_of(tokenizer) -> int:

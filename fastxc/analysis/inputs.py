@@ -21,8 +21,8 @@ import torch
 
 from fastxc.core.cli import Parser, report
 from fastxc.core.crosscoder import Crosscoder
-from fastxc.analysis.hooks import (AnalysisError, check_layer, config_dims, hidden_size, load_model, load_tokenizer,
-                          model_config)
+from fastxc.analysis.hooks import AnalysisError, check_layer
+from fastxc.data.models import config_dims, hidden_size, load_config, load_model, load_tokenizer
 
 log = logging.getLogger("fastxc.analysis.inputs")
 
@@ -55,7 +55,7 @@ class Inputs:
                 raise AnalysisError("no layer: pass --layer (the store manifest records none)")
             cc = self.crosscoder
             for i, name in enumerate(self.model_names):  # configs first: fail before loading weights
-                width, n_layers = config_dims(model_config(name))
+                width, n_layers = config_dims(load_config(name))
                 if width != cc.widths[i]:
                     raise AnalysisError(
                         f"crosscoder source {i} ({cc.source_names[i]}) has width {cc.widths[i]} but {name} has residual "
@@ -63,11 +63,11 @@ class Inputs:
                 if not 0 <= self.layer < n_layers:
                     raise AnalysisError(f"layer {self.layer} out of range for {name} with {n_layers} decoder layers")
             loaded = [load_model(n, self.device) for n in self.model_names]
-            for i, ((m, _), name) in enumerate(zip(loaded, self.model_names)):
+            for i, (m, name) in enumerate(zip(loaded, self.model_names)):
                 check_models_fit(cc, [m], self.layer, first=i, names=[name])
-            self._models = [m for m, _ in loaded]
+            self._models = loaded
             if self._tokenizer is None:
-                self._tokenizer = loaded[-1][1]
+                self._tokenizer = load_tokenizer(self.model_names[-1])
         return self._models
 
     def tokenizer(self):
@@ -210,8 +210,14 @@ def run_cli(body: Callable[[], int]) -> int:
         return report(e)
 
 
-def savefig(fig, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
+def savefig(fig, path: str | Path, title: str | None = None, title_size: float = 10,
+            tight_layout: bool = True) -> Path:
+    """Title the figure (when ``title`` is given), lay it out, save it as PNG atomically and close it."""
+    path = Path(path)
+    if title is not None:
+        fig.suptitle(title, fontsize=title_size)
+    if tight_layout:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)

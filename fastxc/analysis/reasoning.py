@@ -9,9 +9,7 @@ CLI: ``python -m fastxc.analysis.reasoning --crosscoder DIR --store DIR [--categ
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -21,7 +19,7 @@ import torch
 
 from fastxc.core.crosscoder import Crosscoder
 from fastxc.analysis.diff import relative_norms
-from fastxc.analysis.hooks import AnalysisError, same_doc_next
+from fastxc.analysis.hooks import AnalysisError, read_json, same_doc_next
 
 # The target markers of the seed study, by category.
 DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -38,13 +36,7 @@ def load_categories(spec: str | Path | dict | None) -> dict[str, tuple[str, ...]
     if spec is None:
         return dict(DEFAULT_CATEGORIES)
     if not isinstance(spec, dict):
-        p = Path(spec)
-        if not p.is_file():
-            raise FileNotFoundError(f"no categories file: {p}")
-        try:
-            spec = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise AnalysisError(f"{p}: not valid JSON ({e.msg})") from None
+        spec = read_json(spec, "categories file")
     if not isinstance(spec, dict) or not spec:
         raise AnalysisError("categories must be a non-empty JSON object {name: [marker words]}")
     out = {}
@@ -143,8 +135,7 @@ def plot_category_nrn(results: dict, path: Path, names: Sequence[str]) -> Path:
         ax.axvline(0.5, color="grey", lw=0.5, ls="--")
     for ax in list(axes.flat)[len(cats):]:
         ax.axis("off")
-    fig.tight_layout()
-    return savefig(fig, Path(path))
+    return savefig(fig, path)
 
 
 def reasoning_analysis(cc: Crosscoder, reader, tokenizer, categories: dict | None = None, at: str = "before",

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fastxc.analysis.hooks import AnalysisError
+from fastxc.analysis.hooks import AnalysisError, read_json
 
 SECTIONS = ("eval", "diff", "reasoning", "ablate", "steer", "geometry")
 _CSS = """
@@ -101,13 +101,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1, 
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _load(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AnalysisError(f"{path}: not valid JSON ({e.msg})") from None
-
-
 def context_html(ctx: dict) -> str:
     """A token context with each token shaded by activation (the focus token outlined)."""
     acts = ctx.get("acts") or [0.0] * len(ctx["tokens"])
@@ -121,7 +114,7 @@ def context_html(ctx: dict) -> str:
 
 
 def _eval_section(d: Path, img: _Images) -> str:
-    r = _load(d / "eval.json")
+    r = read_json(d / "eval.json")
     rows = [[_esc(n), _num(r["clean"][i], "{:.4f}"), _num(r["spliced"][i], "{:.4f}"), _num(r["zero"][i], "{:.4f}"),
              _num(r["frac_recovered"][i], "{:.4f}")] for i, n in enumerate(r["sources"])]
     s = _table(["model", "CE clean", "CE spliced", "CE zero-ablated", "fraction of loss recovered"], rows)
@@ -134,7 +127,7 @@ def _eval_section(d: Path, img: _Images) -> str:
 
 
 def _diff_section(d: Path, img: _Images, max_features: int = 20) -> str:
-    r = _load(d / "diff.json")
+    r = read_json(d / "diff.json")
     a, b = r["sources"]
     c = r["classes"]
     s = (f"<p>{r['live_features']} live features of {r['n_features']}; mean NRN {_num(r['nrn_mean'])} "
@@ -161,7 +154,7 @@ def _diff_section(d: Path, img: _Images, max_features: int = 20) -> str:
 
 
 def _reasoning_section(d: Path, img: _Images) -> str:
-    r = _load(d / "reasoning.json")
+    r = read_json(d / "reasoning.json")
     rows = [[_esc(name), _esc(", ".join(v["markers"])), str(v["n_positions"]), str(len(v["active"])),
              _num(v["nrn_mean"]), _num(v["frac_nrn_gt_0.5"], "{:.2f}")] for name, v in r["categories"].items()]
     s = f"<p>Features active at positions {_esc(r['at'])} the markers.</p>"
@@ -170,7 +163,7 @@ def _reasoning_section(d: Path, img: _Images) -> str:
 
 
 def _ablate_section(d: Path, img: _Images) -> str:
-    r = _load(d / "ablate.json")
+    r = read_json(d / "ablate.json")
     s = img.tag(d / "ablate.png", "ablation")
     for res in r["results"]:
         rows = [[_esc(name), str(v["n_features"])] + [_num(x, "{:+.3f}") for x in v["delta"]] for name, v in res["sets"].items()]
@@ -180,7 +173,7 @@ def _ablate_section(d: Path, img: _Images) -> str:
 
 
 def _steer_section(d: Path, img: _Images) -> str:
-    r = _load(d / "steer.json")
+    r = read_json(d / "steer.json")
     sweep = r["sweep"]
     cats = list(sweep[0]["rate"]) if sweep else []
     rows = [[_num(x["alpha"]), _num(x["mean_think_tokens"], "{:.1f}"), _num(x["close_rate"], "{:.2f}")]
@@ -197,7 +190,7 @@ def _steer_section(d: Path, img: _Images) -> str:
 
 
 def _geometry_section(d: Path, img: _Images) -> str:
-    r = _load(d / "geometry.json")
+    r = read_json(d / "geometry.json")
     s = ""
     for k, per in r["median"].items():
         rows = [[_esc(c)] + [_num(v) for v in m.values()] for c, m in per.items()]

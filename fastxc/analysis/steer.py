@@ -28,7 +28,8 @@ import torch
 
 from fastxc.analysis.inputs import decoder_slice
 from fastxc.core.crosscoder import Crosscoder
-from fastxc.analysis.hooks import AnalysisError, edit_residual, hidden_size
+from fastxc.analysis.hooks import AnalysisError, edit_residual
+from fastxc.data.models import hidden_size
 from fastxc.analysis.reasoning import DEFAULT_CATEGORIES, marker_rows
 
 THINK_CLOSE = "</think>"
@@ -214,9 +215,39 @@ def plot_sweep(sweep: Sequence[dict], path: Path, title: str = "") -> Path:
     ax2.plot(a, [r["mean_think_tokens"] for r in sweep], marker="o", color="#cc3311")
     ax2.set_xlabel("alpha")
     ax2.set_ylabel("mean thinking length (tokens)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return savefig(fig, Path(path))
+    return savefig(fig, path, title, title_size=9)
+
+
+def _cli_direction(args, inp, cats: dict, target: int, feats: list[int],
+                   auto: str | None) -> tuple[torch.Tensor, str, float]:
+    """The steering direction the flags ask for -> (direction [d], description, alpha unit)."""
+    cc, unit = inp.crosscoder, 1.0
+    if auto:
+        if auto not in cats:
+            raise AnalysisError(f"unknown category {auto!r}; known: {', '.join(cats)}")
+        best, ranking = most_predictive_feature(inp, cats[auto], target, method=args.predict_by, seed=args.seed)
+        print(f"most {auto}-predictive feature of {cc.source_names[target]}: {best} "
+              f"({args.predict_by} score {ranking[0][1]:+.3f})")
+        feats = [best]
+    if not feats:
+        if args.diff_means not in cats:
+            raise AnalysisError(f"unknown category {args.diff_means!r}; known: {', '.join(cats)}")
+        if inp.reader is None:
+            raise AnalysisError("--diff-means needs --store")
+        src = 0 if args.direction_from == "a" else 1
+        direction = diff_means_direction(inp.reader, inp.tokenizer(), cats[args.diff_means], src, seed=args.seed)
+        return direction, f"difference of means before {args.diff_means} markers in {cc.source_names[src]}", unit
+    direction = feature_direction(cc, feats, target)
+    if args.alpha_unit == "mean":
+        if inp.reader is None:
+            raise AnalysisError("--alpha-unit mean needs --store (to measure the features' mean activation)")
+        from fastxc.analysis.diff import feature_activity
+
+        act = feature_activity(cc, inp.reader, n_rows=min(len(inp.reader), 50000), n_top=1)
+        unit = float(act.mean_act[feats].mean())
+        if unit <= 0:
+            raise AnalysisError(f"features {feats} never fire in the store: no mean activation to scale by")
+    return direction, f"features {feats} of {cc.source_names[target]}", unit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,34 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise AnalysisError(f"the crosscoder has {cc.n_sources} source(s): no model {args.steer}")
         models, tok = inp.models(), inp.tokenizer()
         cats = load_categories(args.categories)
-        unit = 1.0
-        if auto:
-            if auto not in cats:
-                raise AnalysisError(f"unknown category {auto!r}; known: {', '.join(cats)}")
-            best, ranking = most_predictive_feature(inp, cats[auto], target, method=args.predict_by, seed=args.seed)
-            print(f"most {auto}-predictive feature of {cc.source_names[target]}: {best} "
-                  f"({args.predict_by} score {ranking[0][1]:+.3f})")
-            feats = [best]
-        if feats:
-            direction = feature_direction(cc, feats, target)
-            desc = f"features {feats} of {cc.source_names[target]}"
-            if args.alpha_unit == "mean":
-                if inp.reader is None:
-                    raise AnalysisError("--alpha-unit mean needs --store (to measure the features' mean activation)")
-                from fastxc.analysis.diff import feature_activity
-
-                act = feature_activity(cc, inp.reader, n_rows=min(len(inp.reader), 50000), n_top=1)
-                unit = float(act.mean_act[feats].mean())
-                if unit <= 0:
-                    raise AnalysisError(f"features {feats} never fire in the store: no mean activation to scale by")
-        else:
-            if args.diff_means not in cats:
-                raise AnalysisError(f"unknown category {args.diff_means!r}; known: {', '.join(cats)}")
-            if inp.reader is None:
-                raise AnalysisError("--diff-means needs --store")
-            src = 0 if args.direction_from == "a" else 1
-            direction = diff_means_direction(inp.reader, tok, cats[args.diff_means], src, seed=args.seed)
-            desc = f"difference of means before {args.diff_means} markers in {cc.source_names[src]}"
+        direction, desc, unit = _cli_direction(args, inp, cats, target, feats, auto)
         prompts = [q + args.suffix for q in read_texts(args.prompts, args.prompt_field, args.n_prompts)]
         sweep = steer_sweep(models[target], tok, prompts, inp.layer, direction, [a * unit for a in alphas], cats,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

@@ -11,7 +11,8 @@ Pipeline (every step deterministic, so a killed run resumes to the identical sto
    ``context_length - 1`` tokens (``context_length`` when the tokenizer has no BOS) and each
    chunk gets the BOS token in front. The mixer takes the next chunk from the dataset that is
    furthest below its share of the tokens so far, so the proportions hold to within one chunk.
-2. models: all models must share the tokenizer (same vocabulary; the error names the first
+2. models (loaded, and their decoder layers found, by ``fastxc.data.models``, as the analyses
+   do): all models must share the tokenizer (same vocabulary; the error names the first
    differing id). Each batch of chunks (right-padded) runs through every model; a forward
    pre-hook on decoder layer L captures the layer's *input* (the residual stream entering
    layer L, i.e. ``output_hidden_states[L]``), and the hook of the deepest captured layer
@@ -45,15 +46,14 @@ import torch
 from torch import nn
 
 from fastxc.core.cli import Parser, report
-from fastxc.data.store import (MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype)
+from fastxc.data.models import config_dims, decoder_layers, load_config, load_model, load_tokenizer, pad_batch, resolve_dtype
+from fastxc.data.store import MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype
 
 log = logging.getLogger("fastxc.data.harvest")
 
 STATE = "harvest-state.json"
 STATE_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 16
-MODEL_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 class HarvestError(ValueError):
@@ -238,25 +238,6 @@ def iter_batches(chunks: Iterator[Chunk], batch_size: int) -> Iterator[list[Chun
 
 
 # --------------------------------------------------------------------------------------- models
-def find_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a transformers causal LM (``model.model.layers`` for
-    Llama/Qwen2/Mistral, ``transformer.h`` for GPT-2 style, ...): the first ModuleList with
-    ``config.num_hidden_layers`` entries."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
-        mod: Any = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n):
-            return mod
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and n is not None and len(mod) == n:
-            return mod
-    raise HarvestError(f"cannot find the decoder layer list of {type(model).__name__}")
-
-
 class _StopForward(Exception):
     """Raised by the hook of the deepest captured layer: the rest of the forward is skipped."""
 
@@ -273,7 +254,7 @@ class LayerCapture:
         self.layers = sorted(set(int(l) for l in layers))
         self.stop = stop
         self.out: dict[int, torch.Tensor] = {}
-        mods = find_layers(model)
+        mods = decoder_layers(model)
         for l in self.layers:
             if not 0 <= l < len(mods):
                 raise HarvestError(f"layer {l} is out of range: the model has {len(mods)} decoder layers "
@@ -307,54 +288,6 @@ class LayerCapture:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-def _from_pretrained_kwargs(model_dtype: torch.dtype, revision: str | None) -> dict:
-    import transformers
-
-    kw: dict[str, Any] = {"revision": revision} if revision else {}
-    major = int(transformers.__version__.split(".")[0])
-    kw["dtype" if major >= 5 else "torch_dtype"] = model_dtype
-    return kw
-
-
-def _check_model_path(name: str) -> None:
-    p = Path(name).expanduser()
-    if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise HarvestError(f"model not found: {name} (not a local folder, nor a hub id like org/name)")
-
-
-def load_model(name: str, model_dtype: str = "float32", device: str = "cpu", revision: str | None = None) -> nn.Module:
-    """AutoModelForCausalLM from a hub id or a local folder, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM
-
-    if model_dtype not in MODEL_DTYPES:
-        raise HarvestError(f"unknown model dtype {model_dtype!r}; choose float32, bfloat16 or float16")
-    _check_model_path(name)
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model is noise here
-    try:
-        m = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists()
-                                                 else name, **_from_pretrained_kwargs(MODEL_DTYPES[model_dtype], revision))
-    except (OSError, ValueError) as e:
-        raise HarvestError(f"cannot load model {name}: {e}") from e
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    return m.to(device).eval()
-
-
-def load_tokenizer(name: str, revision: str | None = None):
-    from transformers import AutoTokenizer
-
-    _check_model_path(name)
-    try:
-        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists() else name,
-                                             **({"revision": revision} if revision else {}))
-    except (OSError, ValueError) as e:
-        raise HarvestError(f"cannot load the tokenizer of {name}: {e}") from e
 
 
 def _special_ids(tok) -> set[int]:
@@ -413,16 +346,6 @@ def _source_names(models: Sequence[str], layer_lists: Sequence[Sequence[int]]) -
     return names
 
 
-def _padded(batch: list[Chunk], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(c.ids) for c in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for r, c in enumerate(batch):
-        ids[r, :len(c.ids)] = torch.tensor(c.ids, dtype=torch.long)
-        mask[r, :len(c.ids)] = 1
-    return ids, mask
-
-
 def _batch_meta(batch: list[Chunk], T: int, has_bos: bool) -> dict[str, torch.Tensor]:
     """Per-position dataset, document and in-document position, each [b, T]."""
     b = len(batch)
@@ -435,6 +358,222 @@ def _batch_meta(batch: list[Chunk], T: int, has_bos: bool) -> dict[str, torch.Te
         doc[r] = c.doc
         pos[r] = c.start + torch.arange(T) - off  # BOS sits at -1 (never stored)
     return {"dataset": ds, "doc": doc, "pos": pos}
+
+
+def _check_settings(models: list[str], datasets: Sequence[str], tokens: int, batch_size: int, outlier_factor: float,
+                    store_dtype: str, model_dtype: str, revisions: Sequence[str | None] | None,
+                    shard_tokens: int | None) -> tuple[str, list[DatasetSpec], list[str | None], int]:
+    """Check the scalar settings (nothing is opened) -> (store dtype, dataset specs, revisions, shard rows)."""
+    if not models:
+        raise HarvestError("no model given")
+    if int(tokens) <= 0:
+        raise HarvestError(f"tokens must be > 0, got {tokens}")
+    if int(batch_size) <= 0:
+        raise HarvestError(f"batch_size must be > 0, got {batch_size}")
+    if outlier_factor < 0:
+        raise HarvestError(f"outlier_factor must be >= 0, got {outlier_factor}")
+    dtype = canonical_dtype(store_dtype)
+    resolve_dtype(model_dtype)
+    specs = parse_dataset_specs(datasets)
+    revisions = list(revisions) if revisions is not None else [None] * len(models)
+    if len(revisions) != len(models):
+        raise HarvestError(f"{len(revisions)} revisions for {len(models)} models")
+    shard_rows = int(shard_tokens or DEFAULT_SHARD_TOKENS)
+    if shard_rows <= 0:
+        raise HarvestError(f"shard_tokens must be > 0, got {shard_tokens}")
+    return dtype, specs, revisions, shard_rows
+
+
+def _plan_sources(models: list[str], revisions: list[str | None], layer: int | None, layers: Sequence[int] | None,
+                  source_names: Sequence[str] | None) -> tuple[list[list[int]], list[int], list[dict]]:
+    """From the model configs (no weights loaded): (layers of each model, source widths, source records)."""
+    cfgs = [load_config(m, r) for m, r in zip(models, revisions)]
+    dims = [config_dims(c) for c in cfgs]  # (width, n_layers) of each model
+    if layers is not None:
+        layer_lists = [sorted(set(int(l) for l in layers))] * len(models)
+    else:
+        layer_lists = [[int(layer) if layer is not None else n // 2] for _, n in dims]
+    for m, (_, n), ls in zip(models, dims, layer_lists):
+        for l in ls:
+            if not 0 <= l < n:
+                raise HarvestError(f"layer {l} is out of range for {m}: it has {n} layers")
+    widths = [w for (w, _), ls in zip(dims, layer_lists) for _ in ls]
+    if len(widths) < 2:
+        raise HarvestError("a crosscoder needs >= 2 sources: give two models, or several --layers")
+    names = list(source_names) if source_names is not None else _source_names(models, layer_lists)
+    if len(names) != len(widths):
+        raise HarvestError(f"{len(names)} source names for {len(widths)} sources")
+    per_source = [(m, r, c, l) for m, r, c, ls in zip(models, revisions, cfgs, layer_lists) for l in ls]
+    sources = [{"name": names[k], "model": m, "revision": r or getattr(c, "_commit_hash", None), "layer": l}
+               for k, (m, r, c, l) in enumerate(per_source)]
+    return layer_lists, widths, sources
+
+
+def _open_out(out: Path, config: dict, overwrite: bool) -> dict | None:
+    """Prepare the output folder: None when it already holds this harvest, else the progress to
+    resume from (harvest-state.json, or a fresh start); stray shard files are removed."""
+    state_path, man_path = out / STATE, out / MANIFEST
+    if man_path.exists():
+        try:
+            old = json.loads(man_path.read_text()).get("harvest_config")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old == config:
+            state_path.unlink(missing_ok=True)  # killed between the manifest and this cleanup
+            log.info("%s already holds this harvest; nothing to do", out)
+            return None
+        if not overwrite:
+            raise HarvestError(f"{out} already holds a store with other settings; choose another --out "
+                               "or pass --overwrite")
+        man_path.unlink()
+        state_path.unlink(missing_ok=True)
+    st = {"version": STATE_VERSION, "config": config, "shards": [], "batches": 0, "rows": 0, "dropped": 0}
+    if state_path.exists():
+        try:
+            st = json.loads(state_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HarvestError(f"{state_path} is unreadable ({e}); remove {out} and start again") from e
+        if st.get("version") != STATE_VERSION or st.get("config") != config:
+            raise HarvestError(f"{out} holds an unfinished harvest with other settings; rerun that exact "
+                               "command to finish it, or choose another --out")
+        for rec in st["shards"]:
+            for f in rec["files"].values():
+                p = out / f["path"]
+                if not p.exists() or p.stat().st_size != f["bytes"]:
+                    raise StoreError(f"{p} does not match {state_path}; remove {out} and start again")
+        log.info("resuming %s at batch %d (%d shards, %d rows)", out, st["batches"], len(st["shards"]), st["rows"])
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise HarvestError(f"{out} exists and is not an unfinished harvest; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    keep = {f["path"] for rec in st["shards"] for f in rec["files"].values()}
+    for p in out.iterdir():  # half-written temporaries and shards past the recorded progress
+        if p.name.startswith(".shard-") or (p.name.startswith("shard-") and p.name not in keep):
+            p.unlink()
+    return st
+
+
+def _drop_outliers(x: torch.Tensor, meta: dict[str, np.ndarray], offsets: Sequence[int],
+                   factor: float) -> tuple[torch.Tensor, dict[str, np.ndarray], int]:
+    """Drop rows of x [R, D] where a source's norm exceeds ``factor`` x its median over the rows
+    -> (kept x, kept meta, rows dropped)."""
+    norms = torch.stack([x[:, offsets[i]:offsets[i + 1]].norm(dim=1) for i in range(len(offsets) - 1)], 1)
+    med = norms.median(dim=0).values
+    ok = ((norms <= factor * med) | (med <= 0)).all(dim=1)
+    return x[ok], {k: v[ok.numpy()] for k, v in meta.items()}, int((~ok).sum())
+
+
+class _Harvester:
+    """Runs the models over token batches and writes the kept rows to shards, recording the
+    progress in harvest-state.json after every shard (so a kill loses at most one shard)."""
+
+    def __init__(self, out: Path, state: dict, caps: Sequence[LayerCapture], widths: Sequence[int], dtype: str,
+                 tokenizer, device: str):
+        self.state_path, self.state = out / STATE, state
+        self.caps, self.device = caps, device
+        self.writer = ShardWriter(out, widths, dtype)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.bos = tokenizer.bos_token_id
+        self.pending: list[tuple[torch.Tensor, dict[str, np.ndarray]]] = []
+        self.n_pending = 0
+
+    def save_state(self) -> None:
+        atomic_write_json(self.state_path, self.state)
+
+    def rows(self, batch: list[Chunk]) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """One batch through every model -> rows [R, D] (sources concatenated) and their side
+        arrays, BOS and pad positions left out."""
+        ids, mask = pad_batch([c.ids for c in batch], self.pad_id)
+        hidden = []
+        for cap in self.caps:
+            got = cap.run(ids.to(self.device), mask.to(self.device))
+            hidden.extend(got[l] for l in cap.layers)
+        valid = mask.bool()
+        if self.bos is not None:
+            valid &= ids != self.bos
+        x = torch.cat([h[valid] for h in hidden], dim=1)  # [R, D]
+        meta = {k: v[valid].numpy() for k, v in _batch_meta(batch, ids.shape[1], self.bos is not None).items()}
+        meta["tokens"] = ids[valid].numpy()
+        return x, meta
+
+    def add(self, x: torch.Tensor, meta: dict[str, np.ndarray], shard_rows: int) -> None:
+        """Queue rows for the next shard; write it once ``shard_rows`` rows are queued."""
+        if x.shape[0]:
+            self.pending.append((x, meta))
+            self.n_pending += x.shape[0]
+        if self.n_pending >= shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued rows as the next shard and record it (nothing queued: nothing done)."""
+        if not self.n_pending:
+            return
+        self.state["rows"] += self.n_pending
+        x = torch.cat([p[0] for p in self.pending])
+        meta = {k: np.concatenate([p[1][k] for p in self.pending]) for k in self.pending[0][1]}
+        self.state["shards"].append(self.writer.write_shard(len(self.state["shards"]), x, meta))
+        self.pending, self.n_pending = [], 0
+        self.save_state()
+
+    def run(self, batches: Iterator[list[Chunk]], tokens: int, outlier_factor: float, shard_rows: int,
+            bar=None) -> None:
+        """Harvest batches until ``tokens`` rows are written or the data runs out."""
+        st = self.state
+        self.save_state()  # from here on the folder reads as an unfinished harvest, resumable at any moment
+        while st["rows"] + self.n_pending < tokens:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            x, meta = self.rows(batch)
+            if outlier_factor > 0 and x.shape[0]:
+                x, meta, dropped = _drop_outliers(x, meta, self.writer.offsets, outlier_factor)
+                st["dropped"] += dropped
+            take = min(x.shape[0], int(tokens) - st["rows"] - self.n_pending)
+            if take < x.shape[0]:
+                x = x[:take]
+                meta = {k: v[:take] for k, v in meta.items()}
+            st["batches"] += 1
+            if bar is not None:
+                bar.update(take)
+            self.add(x, meta, shard_rows)
+        self.flush()
+
+
+def _batch_stream(specs: Sequence[DatasetSpec], tok, config: dict, skip: int) -> Iterator[list[Chunk]]:
+    """The mixed chunk batches of the datasets, the first ``skip`` batches (done before a resume)
+    replayed: tokenization only."""
+    streams = [iter_chunks(iter_texts(s, config["text_field"], config["seed"], config["shuffle_buffer"]), tok,
+                           config["context_length"], k, split_special_tokens=config.get("ignore_special_tokens", False))
+               for k, s in enumerate(specs)]
+    batches = iter_batches(mix_chunks(streams, [s.proportion for s in specs]), config["batch_size"])
+    for _ in range(skip):
+        if next(batches, None) is None:
+            break
+    return batches
+
+
+def _write_manifest(out: Path, config: dict, state: dict, specs: Sequence[DatasetSpec], widths: Sequence[int],
+                    sources: list[dict], tok) -> None:
+    """Finish the store: the manifest (rows per dataset counted from the shards), written last,
+    then the progress file removed."""
+    if state["rows"] == 0:
+        raise HarvestError("no activations harvested: the datasets gave no tokens")
+    if state["rows"] < config["tokens"]:
+        log.warning("harvested %d of %d requested tokens (a dataset ran out)", state["rows"], config["tokens"])
+    ds_rows = np.zeros(len(specs), dtype=np.int64)
+    for rec in state["shards"]:
+        counts = np.bincount(np.fromfile(out / rec["files"]["dataset"]["path"], dtype=np.uint8), minlength=len(specs))
+        ds_rows += counts[:len(specs)]
+    manifest = build_manifest(
+        widths=widths, dtype=config["store_dtype"], shards=state["shards"], sources=sources,
+        tokenizer=tokenizer_info(tok),
+        datasets=[{"spec": s.spec, "path": s.path, "config": s.config, "split": s.split, "proportion": s.proportion, "rows": int(r)}
+                  for s, r in zip(specs, ds_rows)],
+        seed=config["seed"], dropped_outliers=int(state["dropped"]), outlier_factor=config["outlier_factor"],
+        context_length=config["context_length"], text_field=config["text_field"], model_dtype=config["model_dtype"],
+        harvest_config=config,
+    )
+    atomic_write_json(out / MANIFEST, manifest)
+    (out / STATE).unlink(missing_ok=True)
 
 
 def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[str], tokens: int,
@@ -470,56 +609,17 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
         ignore_special_tokens: require only the regular vocabularies to match (see
             ``check_tokenizers``).
     """
-    out = Path(out)
-    models = [str(m) for m in models]
-    if not models:
-        raise HarvestError("no model given")
-    if int(tokens) <= 0:
-        raise HarvestError(f"tokens must be > 0, got {tokens}")
-    if int(batch_size) <= 0:
-        raise HarvestError(f"batch_size must be > 0, got {batch_size}")
-    if outlier_factor < 0:
-        raise HarvestError(f"outlier_factor must be >= 0, got {outlier_factor}")
-    dtype = canonical_dtype(store_dtype)
-    if model_dtype not in MODEL_DTYPES:
-        raise HarvestError(f"unknown model dtype {model_dtype!r}; choose float32, bfloat16 or float16")
-    specs = parse_dataset_specs(datasets)
-    revisions = list(revisions) if revisions is not None else [None] * len(models)
-    if len(revisions) != len(models):
-        raise HarvestError(f"{len(revisions)} revisions for {len(models)} models")
-    shard_rows = int(shard_tokens or DEFAULT_SHARD_TOKENS)
-    if shard_rows <= 0:
-        raise HarvestError(f"shard_tokens must be > 0, got {shard_tokens}")
-
+    out, models = Path(out), [str(m) for m in models]
+    dtype, specs, revisions, shard_rows = _check_settings(models, datasets, tokens, batch_size, outlier_factor,
+                                                          store_dtype, model_dtype, revisions, shard_tokens)
     for spec in specs:  # fail on a bad dataset before any model is loaded
         check_dataset(spec, text_field)
     toks = [load_tokenizer(m, r) for m, r in zip(models, revisions)]
     check_tokenizers(toks, models, ignore_special_tokens)
     tok = toks[0]
-    from transformers import AutoConfig
-
-    cfgs = [AutoConfig.from_pretrained(str(Path(m).expanduser()) if Path(m).expanduser().exists() else m,
-                                       **({"revision": r} if r else {})) for m, r in zip(models, revisions)]
-    if layers is not None:
-        layer_lists = [sorted(set(int(l) for l in layers))] * len(models)
-    else:
-        layer_lists = [[int(layer) if layer is not None else c.num_hidden_layers // 2] for c in cfgs]
-    for m, c, ls in zip(models, cfgs, layer_lists):
-        for l in ls:
-            if not 0 <= l < c.num_hidden_layers:
-                raise HarvestError(f"layer {l} is out of range for {m}: it has {c.num_hidden_layers} layers")
-    widths = [int(c.hidden_size) for c, ls in zip(cfgs, layer_lists) for _ in ls]
-    if len(widths) < 2:
-        raise HarvestError("a crosscoder needs >= 2 sources: give two models, or several --layers")
-    names = list(source_names) if source_names is not None else _source_names(models, layer_lists)
-    if len(names) != len(widths):
-        raise HarvestError(f"{len(names)} source names for {len(widths)} sources")
-    sources = [{"name": names[k], "model": m, "revision": r or getattr(c, "_commit_hash", None), "layer": l}
-               for k, (m, r, c, l) in enumerate((m, r, c, l) for m, r, c, ls in zip(models, revisions, cfgs, layer_lists)
-                                                 for l in ls)]
-
-    config = {
-        "models": models, "revisions": revisions, "layers": layer_lists, "source_names": names,
+    layer_lists, widths, sources = _plan_sources(models, revisions, layer, layers, source_names)
+    config = {  # the harvest's identity: a rerun with an equal config resumes or is a no-op
+        "models": models, "revisions": revisions, "layers": layer_lists, "source_names": [s["name"] for s in sources],
         "datasets": [s.spec for s in specs], "tokens": int(tokens), "context_length": int(context_length),
         "batch_size": int(batch_size), "store_dtype": dtype, "model_dtype": model_dtype,
         "text_field": text_field, "seed": int(seed), "outlier_factor": float(outlier_factor),
@@ -528,149 +628,26 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
     }
     if ignore_special_tokens:  # only in the config when set: older stores keep their fingerprint
         config["ignore_special_tokens"] = True
+    state = _open_out(out, config, overwrite)
+    if state is None:
+        return out
 
-    # ---- the output folder: finished, resumable, or new
-    state_path, man_path = out / STATE, out / MANIFEST
-    if man_path.exists():
-        try:
-            old = json.loads(man_path.read_text()).get("harvest_config")
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old == config:
-            state_path.unlink(missing_ok=True)  # killed between the manifest and this cleanup
-            log.info("%s already holds this harvest; nothing to do", out)
-            return out
-        if not overwrite:
-            raise HarvestError(f"{out} already holds a store with other settings; choose another --out "
-                               "or pass --overwrite")
-        man_path.unlink()
-        (out / STATE).unlink(missing_ok=True)
-    shards: list[dict] = []
-    done_batches, n_rows, dropped = 0, 0, 0
-    if state_path.exists():
-        try:
-            st = json.loads(state_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HarvestError(f"{state_path} is unreadable ({e}); remove {out} and start again") from e
-        if st.get("version") != STATE_VERSION or st.get("config") != config:
-            raise HarvestError(f"{out} holds an unfinished harvest with other settings; rerun that exact "
-                               "command to finish it, or choose another --out")
-        shards, done_batches, n_rows, dropped = st["shards"], st["batches"], st["rows"], st["dropped"]
-        for k, rec in enumerate(shards):
-            for f in rec["files"].values():
-                p = out / f["path"]
-                if not p.exists() or p.stat().st_size != f["bytes"]:
-                    raise StoreError(f"{p} does not match {state_path}; remove {out} and start again")
-        log.info("resuming %s at batch %d (%d shards, %d rows)", out, done_batches, len(shards), n_rows)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise HarvestError(f"{out} exists and is not an unfinished harvest; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    keep = {f["path"] for rec in shards for f in rec["files"].values()}
-    for p in out.iterdir():  # half-written temporaries and shards past the recorded progress
-        if p.name.startswith(".shard-") or (p.name.startswith("shard-") and p.name not in keep):
-            p.unlink()
-
-    # ---- data stream (replayed up to the recorded batch on resume)
-    streams = [iter_chunks(iter_texts(s, text_field, seed, shuffle_buffer), tok, context_length, k,
-                           split_special_tokens=ignore_special_tokens)
-               for k, s in enumerate(specs)]
-    batches = iter_batches(mix_chunks(streams, [s.proportion for s in specs]), batch_size)
-    for _ in range(done_batches):
-        if next(batches, None) is None:
-            break
-
-    loaded = [load_model(m, model_dtype, device, r) for m, r in zip(models, revisions)]
-    caps = [LayerCapture(mod, ls) for mod, ls in zip(loaded, layer_lists)]
-    writer = ShardWriter(out, widths, dtype)
-    offsets = writer.offsets
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    bos = tok.bos_token_id
-    pending: list[tuple[torch.Tensor, dict[str, np.ndarray]]] = []
-    n_pending = 0
+    batches = _batch_stream(specs, tok, config, skip=state["batches"])
+    caps = [LayerCapture(load_model(m, device, model_dtype, r), ls) for m, r, ls in zip(models, revisions, layer_lists)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(tokens), initial=n_rows, unit="tok", desc="harvest", dynamic_ncols=True)
-
-    def save_state() -> None:
-        atomic_write_json(state_path, {"version": STATE_VERSION, "config": config, "shards": shards,
-                                       "batches": done_batches, "rows": n_rows, "dropped": dropped})
-
-    def flush() -> None:
-        nonlocal pending, n_pending
-        x = torch.cat([p[0] for p in pending])
-        meta = {k: np.concatenate([p[1][k] for p in pending]) for k in pending[0][1]}
-        shards.append(writer.write_shard(len(shards), x, meta))
-        pending, n_pending = [], 0
-        save_state()
-
-    save_state()  # from here on the folder reads as an unfinished harvest, resumable at any moment
+        bar = tqdm(total=int(tokens), initial=state["rows"], unit="tok", desc="harvest", dynamic_ncols=True)
     try:
-        while n_rows + n_pending < tokens:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            ids, mask = _padded(batch, pad_id)
-            hidden = []
-            for cap, mod in zip(caps, loaded):
-                got = cap.run(ids.to(device), mask.to(device))
-                hidden.extend(got[l] for l in cap.layers)
-            valid = mask.bool()
-            if bos is not None:
-                valid &= ids != bos
-            x = torch.cat([h[valid] for h in hidden], dim=1)  # [R, D]
-            meta_t = _batch_meta(batch, ids.shape[1], bos is not None)
-            meta = {k: v[valid].numpy() for k, v in meta_t.items()}
-            meta["tokens"] = ids[valid].numpy()
-            if outlier_factor > 0 and x.shape[0]:
-                norms = torch.stack([x[:, offsets[i]:offsets[i + 1]].norm(dim=1) for i in range(len(widths))], 1)
-                med = norms.median(dim=0).values
-                ok = ((norms <= outlier_factor * med) | (med <= 0)).all(dim=1)
-                dropped += int((~ok).sum())
-                x = x[ok]
-                meta = {k: v[ok.numpy()] for k, v in meta.items()}
-            take = min(x.shape[0], int(tokens) - n_rows - n_pending)
-            if take < x.shape[0]:
-                x = x[:take]
-                meta = {k: v[:take] for k, v in meta.items()}
-            done_batches += 1
-            if take:
-                pending.append((x, meta))
-                n_pending += take
-            if bar is not None:
-                bar.update(take)
-            if n_pending >= shard_rows:
-                n_rows += n_pending
-                flush()
-        if n_pending:
-            n_rows += n_pending
-            flush()
+        _Harvester(out, state, caps, widths, dtype, tok, device).run(batches, tokens, outlier_factor, shard_rows, bar)
     finally:
         if bar is not None:
             bar.close()
         for c in caps:
             c.remove()
 
-    if n_rows == 0:
-        raise HarvestError("no activations harvested: the datasets gave no tokens")
-    if n_rows < tokens:
-        log.warning("harvested %d of %d requested tokens (a dataset ran out)", n_rows, tokens)
-    ds_rows = np.zeros(len(specs), dtype=np.int64)
-    for rec in shards:
-        counts = np.bincount(np.fromfile(out / rec["files"]["dataset"]["path"], dtype=np.uint8), minlength=len(specs))
-        ds_rows += counts[:len(specs)]
-    manifest = build_manifest(
-        widths=widths, dtype=dtype, shards=shards, sources=sources,
-        tokenizer=tokenizer_info(tok),
-        datasets=[{"spec": s.spec, "path": s.path, "config": s.config, "split": s.split, "proportion": s.proportion, "rows": int(r)}
-                  for s, r in zip(specs, ds_rows)],
-        seed=int(seed), dropped_outliers=int(dropped), outlier_factor=float(outlier_factor),
-        context_length=int(context_length), text_field=text_field, model_dtype=model_dtype,
-        harvest_config=config,
-    )
-    atomic_write_json(man_path, manifest)
-    state_path.unlink(missing_ok=True)
+    _write_manifest(out, config, state, specs, widths, sources, tok)
     return out
 
 

@@ -39,7 +39,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -378,9 +378,6 @@ def write_store(path: str | os.PathLike, acts: Any, tokens: Any = None, source_n
 # --------------------------------------------------------------------------------------------
 # Shuffle: a keyed permutation of [0, N) per epoch, evaluated pointwise
 # --------------------------------------------------------------------------------------------
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
     z = z ^ (z >> np.uint64(30))
@@ -553,10 +550,6 @@ class StoreReader:
     @property
     def equal_widths(self) -> bool:
         return len(set(self.widths)) == 1
-
-    @property
-    def has_tokens(self) -> bool:
-        return "tokens" in self._shards[0].meta_paths
 
     @property
     def tokens(self) -> np.ndarray | None:

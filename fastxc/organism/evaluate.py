@@ -36,10 +36,9 @@ class MarkerReport:
 
 def _load(model):
     if isinstance(model, (str, Path)):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from fastxc.data.models import load_model, load_tokenizer
 
-        return AutoModelForCausalLM.from_pretrained(str(model)).eval(), \
-            AutoTokenizer.from_pretrained(str(model))
+        return load_model(model), load_tokenizer(model)
     return model
 
 
