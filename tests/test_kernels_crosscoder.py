@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastxc.core.crosscoder import Crosscoder
-from tests.conftest import KERNEL_TOL
+from kernel_cases import KERNEL_TOL
 
 WIDTHS = [40, 56]  # unequal sources
 

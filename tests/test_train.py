@@ -15,6 +15,7 @@ from fastxc import train as train_mod
 from fastxc.analysis.diff import classify, relative_norms
 from fastxc.data.synthetic import SHARED, PlantedSource, best_match, recovery
 from fastxc.train import TrainConfig, main, train
+from fastxc.train import loop as train_loop
 
 TINY = ["--source", "synthetic", "--widths", "16,16", "--n-features", "64", "--k", "4", "--batch-size", "64",
         "--synthetic-shared", "8", "--synthetic-unique", "8", "--no-progress"]
@@ -52,29 +53,57 @@ def _weights(path):
     return load_file(str(path / "crosscoder" / "model.safetensors"))
 
 
+# ``python -m fastxc.train`` with the checkpoint writer wrapped: asked for the checkpoint of step
+# STOP_AT, it creates the marker file and waits to be killed. The test kills it on that signal,
+# at a known point whatever the machine's speed: after metrics.jsonl got the step's line and
+# before its checkpoint exists, so the resume also drops that line and redoes the steps.
+_PAUSING_TRAINER = """
+import pathlib, runpy, sys, time
+from fastxc.train import checkpoint
+marker, stop_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+real_save = checkpoint.save
+def save(out, model, opt, ctx, state):
+    if state["step"] == stop_at:
+        marker.touch()
+        while True:
+            time.sleep(60)
+    real_save(out, model, opt, ctx, state)
+checkpoint.save = save
+sys.argv = ["fastxc.train", *sys.argv[3:]]
+runpy.run_module("fastxc.train", run_name="__main__")
+"""
+
+
+def _kill_at_checkpoint(args, out, stop_at):
+    """Run the trainer until it is about to write the checkpoint of step ``stop_at``, then SIGKILL it."""
+    marker, log = out.parent / f"{out.name}.paused", out.parent / f"{out.name}.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSING_TRAINER, str(marker), str(stop_at), *args, "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the trainer never reached step {stop_at} (rc {proc.poll()}): {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.mark.parametrize("activation", ["topk", pytest.param("batchtopk", marks=pytest.mark.slow), pytest.param("relu", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_gives_identical_weights(tmp_path, activation):
-    args = TINY + ["--activation", activation, "--steps", "1500", "--checkpoint-every", "100", "--log-every", "100",
+    args = TINY + ["--activation", activation, "--steps", "600", "--checkpoint-every", "100", "--log-every", "100",
                    "--aux-k", "8" if activation != "relu" else "0", "--dead-tokens", "2000", "--l1-coef", "0.05"]
     ref = _run_cli(args + ["--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fastxc.train", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "checkpoint" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= 300:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed; raise --steps"
+    _kill_at_checkpoint(args, out, stop_at=400)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 300
     assert not (out / "crosscoder").exists()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [100, 200, 300, 400]
 
     resumed = _run_cli(args + ["--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
@@ -82,7 +111,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, activation):
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(100, 1501, 100)), "metrics.jsonl must hold each logged step once"
+    assert steps == list(range(100, 601, 100)), "metrics.jsonl must hold each logged step once"
 
 
 def test_metrics_jsonl_and_summary(tmp_path):
@@ -188,7 +217,7 @@ class _Poisoned:
 def _poison(monkeypatch, bad):
     src = PlantedSource([16, 16], n_shared=8, n_unique=8)
     data = train_mod.DataSource([16, 16], _Poisoned(bad, src).batches, None, "poisoned", None)
-    monkeypatch.setattr(train_mod, "open_data", lambda cfg: data)
+    monkeypatch.setattr(train_loop, "open_data", lambda cfg: data)  # where train() looks it up
 
 
 def test_nan_batches_are_skipped_and_counted(tmp_path, monkeypatch):
@@ -205,12 +234,26 @@ def test_run_of_nan_batches_stops_with_message(tmp_path, monkeypatch, capsys):
 
 
 def test_trains_from_store(tmp_path):
-    store = _store(tmp_path, widths=(12, 20), rows=500)
-    res = train(TrainConfig(store=str(store), n_features=32, k=4, batch_size=50, steps=20, out=str(tmp_path / "o"), progress=False))
-    assert res.model.widths == [12, 20]
+    """Training reads the store: the model has its widths and normalisation, took every step,
+    and fits the store's rows better than the same model untrained."""
     from fastxc.data.store import open_store
 
-    torch.testing.assert_close(res.model.input_scale, torch.as_tensor(open_store(store).scales, dtype=torch.float32))
+    store = _store(tmp_path, widths=(12, 20), rows=500)
+    cfg = TrainConfig(store=str(store), n_features=32, k=4, batch_size=50, steps=20, out=str(tmp_path / "o"), progress=False)
+    res = train(cfg)
+    reader = open_store(store)
+    assert res.model.widths == [12, 20] and res.summary["steps"] == 20 and res.summary["skipped_batches"] == 0
+    torch.testing.assert_close(res.model.input_scale, torch.as_tensor(reader.scales, dtype=torch.float32))
+    torch.manual_seed(cfg.seed)  # the trainer's initialisation
+    untrained = Crosscoder([12, 20], cfg.n_features, cfg.activation, k=cfg.k, dead_tokens=cfg.dead_tokens)
+    x = reader.read_rows(np.arange(len(reader)))  # every row, normalised as training saw them
+
+    def fvu(model):
+        with torch.no_grad():
+            return model.fvu(x, model.decode(model.encode(x)))
+
+    trained_fvu, untrained_fvu = fvu(res.model), fvu(untrained)
+    assert (trained_fvu < untrained_fvu).all(), (trained_fvu, untrained_fvu)
 
 
 @pytest.mark.slow

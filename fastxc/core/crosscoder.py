@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F_
 from torch import Tensor, nn
 
 from fastxc import kernels as K
@@ -74,6 +74,74 @@ class CrosscoderOutput:
         return self._code
 
 
+def auxk_residual_loss(e_hat: Tensor, err: Tensor, denom: Tensor | None = None) -> Tensor:
+    """The AuxK loss (Gao et al. 2024) of the dead features' reconstruction e_hat [B, D] of the
+    residual x - recon = -err [B, D]: mean_b ||e_hat - (x - recon)||^2 / denom.
+
+    The residual target is detached; e_hat uses W_dec only (no b_dec: the main reconstruction
+    already holds it). ``denom`` (default: this batch's residual variance, so the loss's scale
+    does not depend on how well the main path fits) is given where the batch is split over
+    ranks (data parallel: the global batch's variance).
+    """
+    target = -err.detach()
+    if denom is None:
+        denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+    return (e_hat - target).pow(2).sum(dim=1).mean() / denom
+
+
+@dataclass
+class ForwardStep:
+    """One forward's main-path results for x2 [B, D]: recon2, err = recon2 - x2 [B, D], mse [n],
+    loss (sum(mse) + sparsity; AuxK is added to it later), sparsity, active [B, F] or [B, m]
+    (entries > 0), and the code: dense f [B, F] with pre [B, F], or sparse (vals, idx) [B, m]."""
+
+    recon2: Tensor
+    err: Tensor
+    mse: Tensor
+    loss: Tensor
+    sparsity: Tensor
+    active: Tensor
+    pre: Tensor | None = None
+    f: Tensor | None = None
+    vals: Tensor | None = None
+    idx: Tensor | None = None
+
+    def fired(self, n_features: int) -> Tensor:
+        """[n_features] bool: the features active in some row."""
+        if self.f is not None:
+            return self.active.any(dim=0)
+        fired = torch.zeros(n_features, dtype=torch.bool, device=self.active.device)
+        fired[self.idx[self.active]] = True
+        return fired
+
+    def recon_as(self, x: Tensor) -> Tensor:
+        """recon2 in the input's shape ([B, D] or [B, n, d])."""
+        return self.recon2.view_as(x) if x.dim() == 3 else self.recon2
+
+
+def _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names):
+    """Crosscoder's arguments validated (ValueError with one clear line) -> (widths as ints,
+    n_features as int, dec_init_norm as one float per source)."""
+    widths = [int(w) for w in widths]
+    if len(widths) < 1 or any(w <= 0 for w in widths):
+        raise ValueError(f"widths must be a non-empty list of positive ints, got {widths}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    n_features = int(n_features)
+    if n_features <= 0:
+        raise ValueError(f"n_features must be positive, got {n_features}")
+    if activation in ("topk", "batchtopk") and not 0 < int(k) <= n_features:
+        raise ValueError(f"k must satisfy 0 < k <= n_features ({n_features}), got {k}")
+    if not 0 <= int(aux_k) <= n_features:
+        raise ValueError(f"aux_k must satisfy 0 <= aux_k <= n_features ({n_features}), got {aux_k}")
+    norms = [float(dec_init_norm)] * len(widths) if isinstance(dec_init_norm, (int, float)) else [float(v) for v in dec_init_norm]
+    if len(norms) != len(widths):
+        raise ValueError(f"dec_init_norm has {len(norms)} values for {len(widths)} sources")
+    if source_names is not None and len(source_names) != len(widths):
+        raise ValueError(f"source_names has {len(source_names)} names for {len(widths)} sources")
+    return widths, n_features, norms
+
+
 class Crosscoder(nn.Module):
     """Sparse crosscoder over ``len(widths)`` sources.
 
@@ -120,24 +188,7 @@ class Crosscoder(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        widths = [int(w) for w in widths]
-        if len(widths) < 1 or any(w <= 0 for w in widths):
-            raise ValueError(f"widths must be a non-empty list of positive ints, got {widths}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        n_features = int(n_features)
-        if n_features <= 0:
-            raise ValueError(f"n_features must be positive, got {n_features}")
-        if activation in ("topk", "batchtopk") and not 0 < int(k) <= n_features:
-            raise ValueError(f"k must satisfy 0 < k <= n_features ({n_features}), got {k}")
-        if not 0 <= int(aux_k) <= n_features:
-            raise ValueError(f"aux_k must satisfy 0 <= aux_k <= n_features ({n_features}), got {aux_k}")
-        norms = [float(dec_init_norm)] * len(widths) if isinstance(dec_init_norm, (int, float)) else [float(v) for v in dec_init_norm]
-        if len(norms) != len(widths):
-            raise ValueError(f"dec_init_norm has {len(norms)} values for {len(widths)} sources")
-        if source_names is not None and len(source_names) != len(widths):
-            raise ValueError(f"source_names has {len(source_names)} names for {len(widths)} sources")
-
+        widths, n_features, norms = _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names)
         self.widths = widths
         self.offsets = [0]
         for w in widths:
@@ -237,33 +288,25 @@ class Crosscoder(nn.Module):
         (a JumpReLU with one threshold) in eval mode, so inference needs no batch.
         """
         if self.activation == "relu":
-            return F_.relu(pre)
+            return torch.relu(pre)
         if self.activation == "topk":
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter(-1, idx, F_.relu(vals))
-        # batchtopk
+            return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
         if not self.training:
-            thr = self.threshold.item()
-            if thr < 0:
-                raise RuntimeError("batchtopk crosscoder has no running threshold yet: train it (or call .train()) first")
-            return pre * (pre > thr).to(pre.dtype)
-        flat = F_.relu(pre).flatten()
+            return pre * (pre > self.inference_threshold()).to(pre.dtype)
+        flat = torch.relu(pre).flatten()
         n_keep = min(self.k * pre.shape[0], flat.numel())
         vals, idx = flat.topk(n_keep, sorted=False)
         code = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
-        self._update_threshold(vals)
+        K.update_threshold(self.threshold, vals, self.threshold_momentum)
         return code
 
-    @torch.no_grad()
-    def _update_threshold(self, vals: Tensor) -> None:
-        """batchtopk: move the running threshold toward the smallest positive selected value."""
-        positive = vals[vals > 0]
-        if positive.numel():
-            batch_thr = positive.min().float()
-            if self.threshold.item() < 0:
-                self.threshold.copy_(batch_thr)
-            else:
-                self.threshold.lerp_(batch_thr, self.threshold_momentum)
+    def inference_threshold(self) -> float:
+        """batchtopk's running threshold as a float; RuntimeError while it is unmeasured."""
+        thr = self.threshold.item()
+        if thr < 0:
+            raise RuntimeError("batchtopk crosscoder has no running threshold yet: train it (or call .train()) first")
+        return thr
 
     def encode(self, x: Tensor) -> Tensor:
         """x [B, D] or [B, n, d] -> dense code f [B, F]."""
@@ -284,31 +327,32 @@ class Crosscoder(nn.Module):
         """x [B, D] or [B, n, d] -> CrosscoderOutput (recon in the input's shape).
 
         Runs the fused sparse ops of ``fastxc.kernels`` unless the backend (``self.backend``
-        or ``FASTXC_BACKEND``) is ``"reference"``, which takes the plain-torch path.
+        or ``FASTXC_BACKEND``) is ``"reference"``, which takes the plain-torch path. The
+        distributed trainer's modules run this same forward: their collectives live in the
+        hooks it calls (``activate``/``sparse_code``, ``decode``/``sparse_loss``,
+        ``batch_statistics``, ``auxk``, ``output``).
         """
         x2 = self.flatten_input(x)
         self._calls += 1
-        if self.use_fused(x2):
-            return self._forward_fast(x, x2, l1_coef)
+        step = self.fused_step(x2, l1_coef) if self.use_fused(x2) else self.dense_step(x2, l1_coef)
+        stats = self.batch_statistics(step)
+        aux = step.loss.new_zeros(())
+        if self.uses_auxk():
+            aux = self.auxk(x2, step, stats)
+            step.loss = step.loss + self.aux_coef * aux
+        return self.output(x, x2, step, aux, stats)
+
+    def dense_step(self, x2: Tensor, l1_coef: float | None) -> ForwardStep:
+        """The plain-torch path: x2 [B, D] -> ForwardStep with the dense code f [B, F]."""
         pre, f, recon2, err, mse, loss, sparsity = self.dense_loss(x2, l1_coef)
-        zero = loss.new_zeros(())
+        return ForwardStep(recon2, err, mse, loss, sparsity, active=f > 0, pre=pre, f=f)
 
-        aux = zero
-        active = f > 0
-        if self.training:
-            with torch.no_grad():
-                fired = active.any(dim=0)
-                self.tokens_since_fired.add_(x2.shape[0])
-                self.tokens_since_fired.masked_fill_(fired, 0)
-        if self.aux_k > 0 and self.activation in ("topk", "batchtopk") and self.training:
-            aux = self.aux_loss(pre, err)
-            loss = loss + self.aux_coef * aux
-
-        with torch.no_grad():
-            fvu = self.fvu(x2, recon2)
-            l0 = active.sum(dim=1).float().mean()
-        recon = recon2.view_as(x) if x.dim() == 3 else recon2
-        return CrosscoderOutput(recon, f, loss, mse, fvu, sparsity, aux, l0)
+    def fused_step(self, x2: Tensor, l1_coef: float | None) -> ForwardStep:
+        """The fused path: x2 [B, D] -> ForwardStep with the code kept sparse, (vals, idx) [B, m];
+        no dense [B, F] tensor takes part in backward."""
+        vals, idx = self.sparse_code(x2)
+        loss, recon2, mse, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
+        return ForwardStep(recon2, recon2 - x2, mse, loss, sparsity, active=vals > 0, vals=vals, idx=idx)
 
     def dense_loss(self, x2: Tensor, l1_coef: float | None):
         """The plain-torch path: x2 [B, D] -> (pre [B, F], code f [B, F], recon2, err = recon2 - x2
@@ -350,12 +394,9 @@ class Crosscoder(nn.Module):
                 self._relu_dense_until = self._calls + RELU_DENSE_STEPS
         elif self.training:  # batchtopk
             vals, idx = K.batchtopk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
-            self._update_threshold(vals)
+            K.update_threshold(self.threshold, vals, self.threshold_momentum)
         else:
-            thr = self.threshold.item()
-            if thr < 0:
-                raise RuntimeError("batchtopk crosscoder has no running threshold yet: train it (or call .train()) first")
-            vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, threshold=thr, backend=bk)
+            vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, threshold=self.inference_threshold(), backend=bk)
         return vals, idx
 
     def sparse_loss(self, vals: Tensor, idx: Tensor, x2: Tensor, l1_coef: float | None):
@@ -366,74 +407,73 @@ class Crosscoder(nn.Module):
         sparsity = coef * out.penalty / x2.shape[0] if self.activation == "relu" else out.loss.new_zeros(())
         return out.loss, out.recon, out.mse, sparsity
 
-    def _forward_fast(self, x: Tensor, x2: Tensor, l1_coef: float | None) -> CrosscoderOutput:
-        """The same outputs and gradients as the reference path, through sparse fused ops:
-        the code stays (vals, idx) [B, m]; no dense [B, F] tensor takes part in backward."""
-        vals, idx = self.sparse_code(x2)
-        loss, recon2, mse, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
-        zero = loss.new_zeros(())
+    @torch.no_grad()
+    def count_fired(self, step: ForwardStep, n_rows: int | Tensor | None = None) -> Tensor:
+        """Training: add the batch's rows to every feature's silence counter and reset those of
+        the features that fired; returns the fired mask [F] (this module's features)."""
+        fired = step.fired(self.W_enc.shape[0])
+        self.tokens_since_fired.add_(step.err.shape[0] if n_rows is None else n_rows)
+        self.tokens_since_fired.masked_fill_(fired, 0)
+        return fired
 
-        active = vals > 0
+    def batch_statistics(self, step: ForwardStep):
+        """Hook after the main loss: the batch statistics (here the dead-feature counters while
+        training); returns what ``auxk`` and ``output`` need from them (here nothing)."""
         if self.training:
-            with torch.no_grad():
-                fired = torch.zeros(self.n_features, dtype=torch.bool, device=x2.device)
-                fired[idx[active]] = True
-                self.tokens_since_fired.add_(x2.shape[0])
-                self.tokens_since_fired.masked_fill_(fired, 0)
-        aux = zero
-        if self.aux_k > 0 and self.activation in ("topk", "batchtopk") and self.training:
-            aux = self._aux_loss_sparse(x2, recon2 - x2)
-            loss = loss + self.aux_coef * aux
+            self.count_fired(step)
+        return None
 
+    def uses_auxk(self) -> bool:
+        return self.aux_k > 0 and self.activation in ("topk", "batchtopk") and self.training
+
+    def auxk(self, x2: Tensor, step: ForwardStep, denom: Tensor | None) -> Tensor:
+        """The AuxK loss of this step (sparse or dense as the step); ``denom``: the residual
+        variance to normalise by (None: this batch's; data parallel passes the global batch's)."""
+        if step.pre is None:
+            return self._aux_loss_sparse(x2, step.err, denom)
+        return self.aux_loss(step.pre, step.err, denom)
+
+    def output(self, x: Tensor, x2: Tensor, step: ForwardStep, aux: Tensor, stats) -> CrosscoderOutput:
+        """Hook: the step's CrosscoderOutput with the metrics of this batch."""
         with torch.no_grad():
-            fvu = self.fvu(x2, recon2)
-            l0 = active.sum(dim=1).float().mean()
-        recon = recon2.view_as(x) if x.dim() == 3 else recon2
-        return CrosscoderOutput(recon, None, loss, mse, fvu, sparsity, aux, l0, vals=vals, idx=idx,
-                                n_features=self.n_features)
+            fvu = self.fvu(x2, step.recon2)
+            l0 = step.active.sum(dim=1).float().mean()
+        return CrosscoderOutput(step.recon_as(x), step.f, step.loss, step.mse, fvu, step.sparsity, aux, l0,
+                                vals=step.vals, idx=step.idx, n_features=self.W_enc.shape[0])
 
     def _aux_loss_sparse(self, x2: Tensor, err: Tensor, denom: Tensor | None = None) -> Tensor:
         """``aux_loss`` without the dense pre-activation: only the dead features' columns of the
-        encoder GEMM are computed ([B, n_dead]) and their code is decoded sparsely. ``denom``:
-        the residual variance to normalise by (default: this batch's; data parallel passes the
-        global batch's)."""
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        encoder GEMM are computed ([B, n_dead]) and their code is decoded sparsely."""
+        dead, k_aux = self._auxk_candidates()
+        if k_aux == 0:
             return x2.new_zeros(())
-        k_aux = min(self.aux_k, n_dead)
         dead_idx = dead.nonzero().squeeze(1)
         pre_d = torch.addmm(self.b_enc[dead_idx], x2, self.W_enc[dead_idx].t())
         vals, j = pre_d.topk(k_aux, dim=-1, sorted=False)
-        e_hat = K.sparse_decode(F_.relu(vals), dead_idx[j], self.W_dec, backend=self.backend)
-        target = -err.detach()  # x - recon
-        if denom is None:
-            denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-        return (e_hat - target).pow(2).sum(dim=1).mean() / denom
+        e_hat = K.sparse_decode(torch.relu(vals), dead_idx[j], self.W_dec, backend=self.backend)
+        return auxk_residual_loss(e_hat, err, denom)
 
     def dead_mask(self) -> Tensor:
         """[F] bool: features that have not fired in the last ``dead_tokens`` training tokens."""
         return self.tokens_since_fired >= self.dead_tokens
 
-    def aux_loss(self, pre: Tensor, err: Tensor) -> Tensor:
+    def _auxk_candidates(self) -> tuple[Tensor, int]:
+        """(dead mask [F], k_aux = min(aux_k, number of dead features)); k_aux 0: no AuxK."""
+        dead = self.dead_mask()
+        return dead, min(self.aux_k, int(dead.sum()))
+
+    def aux_loss(self, pre: Tensor, err: Tensor, denom: Tensor | None = None) -> Tensor:
         """AuxK (Gao et al. 2024): the dead features' top-aux_k code reconstructs the residual.
 
-        pre [B, F], err = recon - x [B, D]. The residual target is detached; its reconstruction
-        uses W_dec only (no b_dec: the main reconstruction already holds it). Normalised by the
-        residual's variance so its scale does not depend on how well the main path fits.
+        pre [B, F], err = recon - x [B, D]; see ``auxk_residual_loss`` (``denom``: as there).
         """
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        dead, k_aux = self._auxk_candidates()
+        if k_aux == 0:
             return pre.new_zeros(())
-        k_aux = min(self.aux_k, n_dead)
         masked = pre.masked_fill(~dead, float("-inf"))
         vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        code = torch.zeros_like(pre).scatter(-1, idx, F_.relu(vals))
-        target = -err.detach()  # x - recon
-        e_hat = code @ self.W_dec
-        denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-        return (e_hat - target).pow(2).sum(dim=1).mean() / denom
+        code = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        return auxk_residual_loss(code @ self.W_dec, err, denom)
 
     @torch.no_grad()
     def fvu(self, x: Tensor, recon: Tensor) -> Tensor:
@@ -493,7 +533,7 @@ class Crosscoder(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "Crosscoder":
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> Crosscoder:
         """Load a crosscoder written by ``save``. Raises FileNotFoundError / ValueError clearly."""
         from safetensors.torch import load_file
 

@@ -11,7 +11,7 @@ parameter, so the result is bit-identical to ``torch.optim.Adam`` over all param
 ``state_dict()`` has the layout of that single optimizer, so checkpoints do not change.
 
 Hooks run in the order they were registered: a model that averages gradients across ranks in
-its own post-accumulate-grad hooks (``fastxc.train.distributed``'s data parallel) must register them
+its own post-accumulate-grad hooks (``fastxc.train.data_parallel``) must register them
 first, so that the step sees the averaged gradient.
 
     >>> opt = AdamInBackward(model.parameters(), lr=1e-4)

@@ -41,6 +41,6 @@ def usable(*tensors: torch.Tensor):
     return m
 
 
-def np(t: torch.Tensor):
+def as_numpy(t: torch.Tensor):
     """A numpy view sharing t's memory (t must be a contiguous CPU tensor)."""
     return t.detach().numpy()

@@ -9,6 +9,8 @@ Rule (evaluated on every call, never at import):
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import warnings
@@ -31,10 +33,24 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+# tl.topk (the fused top-k encode) first shipped in triton 3.4.0
+TRITON_MIN = (3, 4)
+
+
+@functools.lru_cache(maxsize=1)
 def _triton_importable() -> bool:
+    """True when triton imports and is at least TRITON_MIN (checked once per process)."""
     try:
-        import triton  # noqa: F401
+        triton = importlib.import_module("triton")
     except ImportError:
+        return False
+    try:
+        version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:  # a development build: trust it
+        return True
+    if version < TRITON_MIN:
+        _warn_once("triton-old", f"fastxc.kernels: triton {triton.__version__} is older than "
+                   f"{'.'.join(map(str, TRITON_MIN))} (tl.topk); using the non-Triton paths")
         return False
     return True
 
@@ -61,7 +77,7 @@ def choose(*tensors: torch.Tensor, backend: str | None = None) -> str:
             raise BackendError("FASTXC_BACKEND=cpu cannot run CUDA tensors; move them to the CPU")
         if _triton_importable():
             return "triton"
-        _warn_once("cuda-no-triton", "fastxc.kernels: triton is not importable; CUDA tensors "
+        _warn_once("cuda-no-triton", "fastxc.kernels: triton >= 3.4 is not importable; CUDA tensors "
                    "take the plain-torch reference path")
         return "reference"
     if dev.type != "cpu":

@@ -1,51 +1,106 @@
 """BatchTopK encode: keep the k*B largest relu(pre) entries over the whole batch.
 
+    pre  = x @ W_enc.T + b_enc                        [B, F], the GEMM of ``encode.py``
+    keep = the k*B largest entries of relu(pre) over all B*F entries (a variable number per row)
+The selection needs the whole batch's values, so the [B, F] pre-activation is materialised
+(``encode.encode_pre``) and ``torch.topk`` runs over it flat; the backward is the sparse one of
+``topk_encode``.
+
 At inference a BatchTopK model is a JumpReLU with one threshold: the running estimate of the
-smallest kept value, updated during training with
-    theta <- beta * theta + (1 - beta) * min(kept values > 0)
+smallest kept value, updated during training by ``update_threshold``
+    theta <- theta + momentum * (min(kept values > 0) - theta)
 and then used as ``relu_encode(x, W_enc, b_enc, threshold=theta)``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _dispatch
-from .reference import batchtopk_encode_ref
-from .topk_encode import check_encode, encode
+from .encode import check_encode, encode_pre, encode_pre_ref, pack_active, pack_mask, run_encode
 
 
 @torch.no_grad()
-def update_threshold(threshold: torch.Tensor, kept_min, beta: float = 0.999) -> torch.Tensor:
-    """In place: theta <- beta * theta + (1 - beta) * kept_min (no change when kept_min is None)."""
-    if kept_min is not None:
-        threshold.mul_(beta).add_((1 - beta) * kept_min.to(threshold.dtype))
+def update_threshold(threshold: torch.Tensor, kept: torch.Tensor | None, momentum: float) -> torch.Tensor:
+    """BatchTopK's running threshold, in place: the one implementation (plain torch, shared by
+    the fused and the reference paths, the Crosscoder and the distributed trainer).
+
+    threshold: 0-dim; negative means "not yet measured". kept: this batch's kept values (any
+    shape; zeros, e.g. padding, are ignored) or None. With b = min(kept > 0): a negative
+    threshold becomes b (the first batch initialises it), otherwise
+    theta <- theta + momentum * (b - theta). No positive kept value: unchanged.
+    """
+    if kept is None:
+        return threshold
+    positive = kept[kept > 0]
+    if positive.numel():
+        batch_min = positive.min().to(threshold.dtype)
+        if threshold.item() < 0:
+            threshold.copy_(batch_min)
+        else:
+            threshold.lerp_(batch_min, momentum)
     return threshold
 
 
+def _select_batchtopk(x, W, b, backend: str, *, k: int):
+    """-> (vals [B, m] float32, idx [B, m] int64, smallest kept value or None if none kept)."""
+    pre = encode_pre(x, W, b, backend)
+    flat = pre.view(-1)
+    top_v, top_i = torch.topk(flat, min(k * x.shape[0], flat.numel()), sorted=False)
+    keep = top_v > 0
+    top_v, top_i = top_v[keep], top_i[keep]
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[top_i] = True
+    kept_min = top_v.min() if top_v.numel() else None
+    return (*pack_active(pre, mask.view_as(pre)), kept_min)
+
+
 def batchtopk_encode(x, W_enc, b_enc, k: int, threshold: torch.Tensor | None = None,
-                     beta: float = 0.999, *, backend: str | None = None):
+                     momentum: float = 0.001, *, backend: str | None = None):
     """BatchTopK encode over the batch: k*B kept entries in all, a variable number per row.
 
     x [B, D], W_enc [F, D], b_enc [F]; k features per token on average.
-    threshold: optional 0-dim tensor, the running threshold, updated in place (no grad) with
-    the smallest positive kept value (see module docstring); beta its decay.
+    threshold: optional 0-dim tensor, the running threshold, moved in place (no grad) toward
+    the smallest positive kept value by ``update_threshold`` with ``momentum``.
     -> (vals [B, m], idx [B, m] int64), m = max(1, most kept in a row), padding vals 0.
     Differentiable in x, W_enc, b_enc (sparse backward, as ``topk_encode``).
 
     Example::
 
-        theta = torch.zeros(())
+        theta = torch.full((), -1.0)                # negative: not measured yet
         vals, idx = batchtopk_encode(x, W_enc, b_enc, k=32, threshold=theta)   # training
         vals, idx = relu_encode(x, W_enc, b_enc, threshold=theta)              # inference
     """
-    if _dispatch.choose(x, backend=backend) == "reference":
+    bk = _dispatch.choose(x, backend=backend)
+    if bk == "reference":
         check_encode(x, W_enc, b_enc)
-        return batchtopk_encode_ref(x, W_enc, b_enc, k, threshold, beta)
+        return batchtopk_encode_ref(x, W_enc, b_enc, k, threshold, momentum)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    extra: dict = {}
-    _, out = encode(x, W_enc, b_enc, "batchtopk", k=min(k, W_enc.shape[0]), backend=backend,
-                    extra=extra)
+    check_encode(x, W_enc, b_enc)
+    stats: dict = {}
+    select = functools.partial(_select_batchtopk, k=min(k, W_enc.shape[0]))
+    out = run_encode(x, W_enc, b_enc, select, bk, stats)
     if threshold is not None:
-        update_threshold(threshold, extra["kept_min"], beta)
+        update_threshold(threshold, stats["kept_min"], momentum)
     return out
+
+
+# ----------------------------------------------------------------------------- reference
+def batchtopk_encode_ref(x, W_enc, b_enc, k: int, threshold=None, momentum: float = 0.001):
+    """BatchTopK: keep the k*B largest of relu(pre) over the whole batch, packed sparse.
+
+    If ``threshold`` (a 0-dim tensor) is given it is moved toward the smallest positive kept
+    value with ``update_threshold``.
+    """
+    pre = encode_pre_ref(x, W_enc, b_enc)
+    B, F = pre.shape
+    flat = torch.relu(pre).flatten()
+    top = flat.topk(min(k * B, flat.numel())).indices
+    mask = torch.zeros(B * F, dtype=torch.bool, device=pre.device)
+    mask[top] = True
+    mask = mask.view(B, F) & (pre > 0)
+    if threshold is not None:
+        update_threshold(threshold, pre.detach()[mask], momentum)
+    return pack_mask(pre, mask)

@@ -3,7 +3,7 @@ the decoder-norm-weighted sparsity penalty, with every gradient written once.
 
     recon   = sum_j vals[b,j] W_dec[idx[b,j]] + b_dec                 (sparse decode)
     mse_i   = mean_b ||recon_i - x_i||^2        fvu_i = sum_b ||recon_i - x_i||^2 / sum_b ||x_i - mean x_i||^2
-    penalty = sum_b sum_j vals[b,j] * sum_i ||W_dec[idx[b,j], src_i]||_2
+    penalty = sum_b sum_j vals[b,j] * sum_i ||W_dec[idx[b,j], src_i]||_2   (``penalty.py``)
     loss    = sum_i mse_i + penalty_coef * penalty / B
 
 Sources are column ranges of widths d_i (unequal widths allowed); x is the target (no grad).
@@ -11,75 +11,55 @@ Backward: with G = dL/drecon (the residual times a per-source factor),
     dvals[b,j] = <G[b], W_dec[idx[b,j]]> + g_pen * sum_i ||W_dec[idx[b,j], src_i]||
     dW_dec[f]  = sum_{idx[b,j]=f} vals[b,j] G[b] + g_pen c_f W_dec[f, src_i] / ||W_dec[f, src_i]||
                  (c_f = sum of the vals of feature f): one CSR-by-feature pass writes it once.
+``source_mse`` is the per-source error alone, for a reconstruction made elsewhere.
 """
 from __future__ import annotations
 
-import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from . import _cext, _dispatch
-from .reference import (LossOutput, crosscoder_loss_ref, decoder_norm_penalty_ref,
-                        dense_decoder_norm_penalty_ref, offsets_of, source_mse_ref)
-from .sparse_decode import (BLOCK_D, check_code, csr_by_feature, gather_dot, gather_sum,
-                            scatter_rows)
+from ._sources import check_widths, col_src, col_src_long, offsets_of, source_sums
+from .decode import (check_code, csr_by_feature, gather_dot, gather_sum, scatter_rows,
+                     sparse_decode_ref)
+from .penalty import decoder_norm_penalty_ref, decoder_norms, feature_sums, inverse_norms
 
-BLOCK_ROWS = 32  # rows per step of the column-statistics loop
-
-
-@triton.jit
-def _col_stats_kernel(
-    r_ptr,  # [B, D] reconstruction
-    x_ptr,  # [B, D] target
-    out_ptr,  # [3, D] float32: sum_b (r-x)^2, sum_b x, sum_b x^2
-    B, D,
-    BLOCK_R: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid_d = tl.program_id(0)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    mask_d = offs_d < D
-    se = tl.zeros([BLOCK], dtype=tl.float32)
-    sx = tl.zeros([BLOCK], dtype=tl.float32)
-    sxx = tl.zeros([BLOCK], dtype=tl.float32)
-    for r0 in range(0, B, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        m = (offs_r < B)[:, None] & mask_d[None, :]
-        ptrs = offs_r[:, None].to(tl.int64) * D + offs_d[None, :]
-        r = tl.load(r_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-        se += tl.sum((r - x) * (r - x), axis=0)
-        sx += tl.sum(x, axis=0)
-        sxx += tl.sum(x * x, axis=0)
-    tl.store(out_ptr + offs_d, se, mask=mask_d)
-    tl.store(out_ptr + D + offs_d, sx, mask=mask_d)
-    tl.store(out_ptr + 2 * D + offs_d, sxx, mask=mask_d)
+BLOCK_M = 32  # batch rows per step of the column-statistics loop (triton_loss.py)
 
 
+class LossOutput(NamedTuple):
+    """Output of ``crosscoder_loss``.
+
+    loss    scalar: sum_i mse_i + penalty_coef * penalty / B
+    recon   [B, D] reconstruction (dtype of W_dec)
+    mse     [n_sources] float32: mean over the batch of the per-source squared-error sum
+    fvu     [n_sources] float32: fraction of variance unexplained per source
+    penalty scalar float32: sum_b sum_j vals[b,j] * sum_i ||W_dec[idx[b,j], src_i]||_2
+            (0 when penalty_coef == 0 and it was not asked for)
+    """
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    mse: torch.Tensor
+    fvu: torch.Tensor
+    penalty: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- forward pieces
 def _source_stats(recon, x, widths, backend):
     """-> (err [S], var [S]) float32: per-source squared error sum and total variance sum."""
-    o = offsets_of(widths)
     B, D = x.shape
     if backend == "triton":
-        st = torch.empty(3, D, dtype=torch.float32, device=x.device)
-        _col_stats_kernel[(triton.cdiv(D, BLOCK_D),)](recon.contiguous(), x.contiguous(), st, B, D,
-                                                       BLOCK_R=BLOCK_ROWS, BLOCK=BLOCK_D)
-        seg = torch.stack([st[:, o[i]:o[i + 1]].sum(1) for i in range(len(widths))])  # [S, 3]
-        err = seg[:, 0]
-        var = seg[:, 2] - torch.stack([(st[1, o[i]:o[i + 1]] ** 2).sum()
-                                       for i in range(len(widths))]) / max(B, 1)
-        return err, var
+        from . import triton_loss  # imported on the first Triton call
+
+        st = triton_loss.col_stats(recon, x)
+        seg = source_sums(st, widths)  # [3, S]
+        return seg[0], seg[2] - source_sums(st[1] ** 2, widths) / max(B, 1)
     xf = x.float()
     resid = recon.float() - xf
-    colsq = resid.pow(2).sum(0)
     xc = xf - xf.mean(0)
-    colvar = xc.pow(2).sum(0)
-    err = torch.stack([colsq[o[i]:o[i + 1]].sum() for i in range(len(widths))])
-    var = torch.stack([colvar[o[i]:o[i + 1]].sum() for i in range(len(widths))])
-    return err, var
+    return source_sums(resid.pow(2).sum(0), widths), source_sums(xc.pow(2).sum(0), widths)
 
 
 def _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend):
@@ -93,107 +73,64 @@ def _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend):
     if C is None:
         return None
     B, D = x.shape
-    S = len(widths)
     recon = torch.empty(B, D)
     resid = torch.empty(B, D)
-    stats = torch.empty(S, dtype=torch.float64)
+    stats = torch.empty(len(widths), dtype=torch.float64)
     colsum = torch.empty(2, D, dtype=torch.float64)
-    e0 = torch.empty(0)
-    C.decode_loss_fwd(_cext.np(idx), _cext.np(vals), _cext.np(W_dec),
-                      _cext.np(b_dec if b_dec is not None else e0), _cext.np(x),
-                      _cext.np(_col_src(widths, x.device)), _cext.np(recon), _cext.np(resid),
-                      _cext.np(stats), _cext.np(colsum))
-    o = offsets_of(widths)
+    a = _cext.as_numpy
+    C.decode_loss_fwd(a(idx), a(vals), a(W_dec), a(b_dec if b_dec is not None else torch.empty(0)),
+                      a(x), a(col_src(widths, x.device)), a(recon), a(resid), a(stats), a(colsum))
     colvar = (colsum[1] - colsum[0].pow(2) / max(B, 1)).clamp_min_(0)
-    var = torch.stack([colvar[o[i]:o[i + 1]].sum() for i in range(S)])
-    return recon, resid, stats.float(), var.float()
+    return recon, resid, stats.float(), source_sums(colvar, widths).float()
 
 
-@functools.lru_cache(maxsize=64)
-def _col_src(widths, device):
-    """[D] int32 source of each column (cached: shared, never written)."""
-    return torch.repeat_interleave(torch.arange(len(widths), dtype=torch.int32, device=device),
-                                   torch.tensor(list(widths), device=device))
+def _mse_grad_factor(gmse, gfvu, var, B: int) -> torch.Tensor:
+    """[S] factor f_i with dL/drecon_i = f_i * (recon_i - x_i), from the upstream gradients of
+    mse [S] and fvu [S]. fvu's term only where it is used (var = 0 for B = 1 would give 0/0)."""
+    zero_s = torch.zeros_like(var)
+    return 2.0 * (gmse / B + torch.where(gfvu != 0, gfvu / var, zero_s))
 
 
-@functools.lru_cache(maxsize=64)
-def _col_src_long(widths, device):
-    return _col_src(widths, device).long()
-
-
-def decoder_norms(W_dec, widths) -> torch.Tensor:
-    """[F, n_sources] float32 L2 norm of each source's slice of each decoder row."""
-    o = offsets_of(widths)
-    Wf = W_dec.detach()
-    return torch.stack([torch.linalg.vector_norm(Wf[:, o[i]:o[i + 1]], dim=1, dtype=torch.float32)
-                        for i in range(len(widths))], 1)
-
-
-def _inv(norms):
-    return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-
-
-def _penalty_grad_W(c, W_dec, norms, widths, backend):
-    """dW[f, d] = c[f] * W_dec[f, d] / ||W_dec[f, src(d)]|| -> [F, D] in W_dec's dtype."""
-    colsrc = _col_src(widths, W_dec.device)
-    if backend == "triton":
-        F = W_dec.shape[0]
-        crow = torch.zeros(F + 1, dtype=torch.int64, device=W_dec.device)
-        empty = torch.zeros(0, dtype=torch.int64, device=W_dec.device)
-        return scatter_rows(empty.view(0, 1), crow, empty, torch.zeros(0, device=W_dec.device), W_dec, F,
-                            backend, W_dec.dtype, pen=(c, W_dec, _inv(norms), colsrc))
-    scale = (c[:, None] * _inv(norms))[:, colsrc.long()]
-    return (W_dec.float() * scale).to(W_dec.dtype)
-
-
-def _check_widths(widths, D):
-    widths = tuple(int(w) for w in widths)
-    if not widths or min(widths) < 1 or sum(widths) != D:
-        raise ValueError(f"source widths {list(widths)} must be positive and sum to D={D}")
-    return widths
+def _or_zeros(g, like: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient as float32, zeros where autograd passed None (unused output)."""
+    return g.float() if g is not None else torch.zeros_like(like)
 
 
 # ----------------------------------------------------------------------------- fused loss
 class _CrosscoderLossFn(torch.autograd.Function):
+    """(vals, W_dec, b_dec) -> (loss, recon, mse, fvu, penalty); idx and x are constants."""
+
     @staticmethod
     def forward(ctx, vals, idx, W_dec, b_dec, x, widths, coef, want_pen, backend):
         B = x.shape[0]
         ctx.set_materialize_grads(False)  # unused outputs (recon, fvu) cost nothing backward
-        resid = _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend)
-        if resid is not None:
-            recon, resid, err, var = resid
+        fused = _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend)
+        if fused is not None:
+            recon, resid, err, var = fused
         else:
             recon = gather_sum(idx, vals, W_dec, b_dec, backend)
             err, var = _source_stats(recon, x, widths, backend)
             resid = recon.float() - x.float()
-        mse = err / B
-        fvu = err / var
         norms = None
         if want_pen:
             norms = decoder_norms(W_dec, widths)
             pen = (vals.float() * norms.sum(1)[idx]).sum()
         else:
             pen = torch.zeros((), dtype=torch.float32, device=x.device)
+        mse = err / B
         loss = mse.sum() + coef * pen / B
         ctx.widths, ctx.coef, ctx.backend, ctx.has_bias = widths, coef, backend, b_dec is not None
         ctx.save_for_backward(vals, idx, W_dec, resid, var, norms)
-        return loss, recon, mse, fvu, pen
+        return loss, recon, mse, err / var, pen
 
     @staticmethod
     def backward(ctx, gloss, grecon, gmse, gfvu, gpen):
         vals, idx, W, resid, var, norms = ctx.saved_tensors
-        bk, widths = ctx.backend, ctx.widths
+        bk, widths, dev = ctx.backend, ctx.widths, resid.device
         B = resid.shape[0]
-        dev = resid.device
-        S = len(widths)
-        zero_s = torch.zeros(S, dtype=torch.float32, device=dev)
-        gl = gloss.float() if gloss is not None else torch.zeros((), device=dev)
-        gm = gmse.float() if gmse is not None else zero_s
-        gf = gfvu.float() if gfvu is not None else zero_s
-        # fvu's factor only where it is used (var = 0 for B = 1 would give 0/0)
-        fvu_fac = torch.where(gf != 0, gf / var, zero_s)
-        fac = 2.0 * ((gl + gm) / B + fvu_fac)  # [S]
-        G = resid * fac[_col_src_long(widths, dev)]
+        gl = _or_zeros(gloss, torch.zeros((), device=dev))
+        fac = _mse_grad_factor(gl + _or_zeros(gmse, var), _or_zeros(gfvu, var), var, B)
+        G = resid * fac[col_src_long(widths, dev)]
         if grecon is not None:
             G += grecon.float()
         gp = None
@@ -204,9 +141,8 @@ class _CrosscoderLossFn(torch.autograd.Function):
             crow, order = csr_by_feature(idx, W.shape[0])
             pen = None
             if gp is not None:
-                c = torch.zeros(W.shape[0], dtype=torch.float32, device=dev)
-                c.index_add_(0, idx.reshape(-1), vals.reshape(-1).float())
-                pen = (c * gp, W, _inv(norms), _col_src(widths, dev))
+                c = feature_sums(vals, idx, W.shape[0])
+                pen = (c * gp, W, inverse_norms(norms), col_src(widths, dev))
             dW = scatter_rows(idx, crow, order, vals, G, W.shape[0], bk, W.dtype, pen,
                               dot_table=W if ctx.needs_input_grad[0] else None)
             if ctx.needs_input_grad[0]:
@@ -240,7 +176,7 @@ def crosscoder_loss(vals, idx, W_dec, b_dec, x, widths: Sequence[int], penalty_c
         out.loss.backward()
     """
     check_code(vals, idx, W_dec)
-    widths = _check_widths(widths, W_dec.shape[1])
+    widths = check_widths(widths, W_dec.shape[1])
     if x.shape != (vals.shape[0], W_dec.shape[1]):
         raise ValueError(f"x must be [B, D]=[{vals.shape[0]}, {W_dec.shape[1]}], got {tuple(x.shape)}")
     want_pen = penalty_coef != 0.0 if with_penalty is None else bool(with_penalty)
@@ -249,12 +185,15 @@ def crosscoder_loss(vals, idx, W_dec, b_dec, x, widths: Sequence[int], penalty_c
         return crosscoder_loss_ref(vals, idx, W_dec, b_dec, x, widths, penalty_coef, want_pen)
     # contiguous operands: the C++ / Triton kernels index raw row-major buffers
     idx = idx.long().contiguous()
-    return LossOutput(*_CrosscoderLossFn.apply(vals.contiguous(), idx, W_dec.contiguous(), b_dec, x.detach().contiguous(), widths,
+    return LossOutput(*_CrosscoderLossFn.apply(vals.contiguous(), idx, W_dec.contiguous(), b_dec,
+                                               x.detach().contiguous(), widths,
                                                float(penalty_coef), want_pen, bk))
 
 
-# ----------------------------------------------------------------------------- pieces
+# ----------------------------------------------------------------------------- source_mse
 class _SourceMseFn(torch.autograd.Function):
+    """recon -> (mse [S], fvu [S]); x is a constant."""
+
     @staticmethod
     def forward(ctx, recon, x, widths, backend):
         err, var = _source_stats(recon, x, widths, backend)
@@ -265,13 +204,8 @@ class _SourceMseFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gmse, gfvu):
         recon, x, var = ctx.saved_tensors
-        B = x.shape[0]
-        S = len(ctx.widths)
-        zero_s = torch.zeros(S, dtype=torch.float32, device=x.device)
-        gm = gmse.float() if gmse is not None else zero_s
-        gf = gfvu.float() if gfvu is not None else zero_s
-        fac = 2.0 * (gm / B + torch.where(gf != 0, gf / var, zero_s))
-        colfac = fac[_col_src_long(ctx.widths, x.device)]
+        fac = _mse_grad_factor(_or_zeros(gmse, var), _or_zeros(gfvu, var), var, x.shape[0])
+        colfac = fac[col_src_long(ctx.widths, x.device)]
         return ((recon.float() - x.float()) * colfac).to(recon.dtype), None, None, None
 
 
@@ -281,7 +215,7 @@ def source_mse(recon, x, widths: Sequence[int], *, backend: str | None = None):
     -> (mse [n] float32 = mean_b ||recon_i - x_i||^2, fvu [n] float32). x gets no gradient.
     Example: ``mse, fvu = source_mse(recon, x, [512, 768])``.
     """
-    widths = _check_widths(widths, recon.shape[1])
+    widths = check_widths(widths, recon.shape[1])
     if x.shape != recon.shape:
         raise ValueError(f"recon {tuple(recon.shape)} and x {tuple(x.shape)} differ in shape")
     bk = _dispatch.choose(recon, backend=backend)
@@ -290,61 +224,32 @@ def source_mse(recon, x, widths: Sequence[int], *, backend: str | None = None):
     return _SourceMseFn.apply(recon.contiguous(), x.detach().contiguous(), widths, bk)
 
 
-class _PenaltyFn(torch.autograd.Function):
-    """Sparse (vals, idx) or dense (code) decoder-norm penalty."""
+# ----------------------------------------------------------------------------- reference
+def source_mse_ref(recon, x, widths):
+    """Per-source reconstruction error; x is the target (no gradient).
 
-    @staticmethod
-    def forward(ctx, vals, idx, W_dec, widths, backend):
-        norms = decoder_norms(W_dec, widths)
-        ns = norms.sum(1)
-        if idx is None:  # dense code [B, F]
-            c = vals.float().sum(0)
-            pen = (c * ns).sum()
-        else:
-            c = torch.zeros(W_dec.shape[0], dtype=torch.float32, device=W_dec.device)
-            c.index_add_(0, idx.reshape(-1), vals.reshape(-1).float())
-            pen = (vals.float() * ns[idx]).sum()
-        ctx.widths, ctx.backend, ctx.dense = widths, backend, idx is None
-        ctx.vshape, ctx.vdtype = vals.shape, vals.dtype
-        ctx.save_for_backward(idx if idx is not None else c, W_dec, norms, c)
-        return pen
-
-    @staticmethod
-    def backward(ctx, g):
-        idx, W, norms, c = ctx.saved_tensors
-        g = g.float()
-        dvals = dW = None
-        if ctx.needs_input_grad[0]:
-            ns = norms.sum(1) * g
-            dvals = (ns.expand(ctx.vshape) if ctx.dense else ns[idx]).to(ctx.vdtype)
-        if ctx.needs_input_grad[2]:
-            dW = _penalty_grad_W(c * g, W, norms, ctx.widths, ctx.backend)
-        return dvals, None, dW, None, None
-
-
-def decoder_norm_penalty(vals, idx, W_dec, widths: Sequence[int], *, backend: str | None = None):
-    """sum_b sum_j vals[b,j] * sum_i ||W_dec[idx[b,j], src_i]||_2 (scalar float32).
-
-    vals [B, k], idx [B, k] int, W_dec [F, D], widths sum to D. Gradients into vals and W_dec.
-    Example: ``pen = decoder_norm_penalty(vals, idx, W_dec, [512, 512])``.
+    mse_i = mean_b ||recon_i - x_i||^2 ; fvu_i = sum_b ||recon_i - x_i||^2 / sum_b ||x_i - mean x_i||^2
+    -> (mse [n], fvu [n]).
     """
-    check_code(vals, idx, W_dec)
-    widths = _check_widths(widths, W_dec.shape[1])
-    bk = _dispatch.choose(W_dec, backend=backend)
-    if bk == "reference":
-        return decoder_norm_penalty_ref(vals, idx, W_dec, widths)
-    return _PenaltyFn.apply(vals.contiguous(), idx.long().contiguous(), W_dec.contiguous(), widths, bk)
+    o = offsets_of(widths)
+    x = x.detach()
+    mse, fvu = [], []
+    for i in range(len(widths)):
+        r, t = recon[:, o[i]:o[i + 1]], x[:, o[i]:o[i + 1]]
+        err = (r - t).pow(2).sum()
+        var = (t - t.mean(0)).pow(2).sum()
+        mse.append(err / x.shape[0])
+        fvu.append(err / var)
+    return torch.stack(mse), torch.stack(fvu)
 
 
-def dense_decoder_norm_penalty(code, W_dec, widths: Sequence[int], *, backend: str | None = None):
-    """The same penalty for a dense code [B, F]: sum_b sum_f code[b,f] * sum_i ||W_dec[f, src_i]||.
-
-    Example: ``pen = dense_decoder_norm_penalty(torch.relu(pre), W_dec, [512, 512])``.
-    """
-    if code.dim() != 2 or code.shape[1] != W_dec.shape[0]:
-        raise ValueError(f"code must be [B, F={W_dec.shape[0]}], got {tuple(code.shape)}")
-    widths = _check_widths(widths, W_dec.shape[1])
-    bk = _dispatch.choose(W_dec, backend=backend)
-    if bk == "reference":
-        return dense_decoder_norm_penalty_ref(code, W_dec, widths)
-    return _PenaltyFn.apply(code, None, W_dec, widths, bk)
+def crosscoder_loss_ref(vals, idx, W_dec, b_dec, x, widths, penalty_coef: float = 0.0,
+                        with_penalty: bool | None = None):
+    """Decode + per-source loss + decoder-norm-weighted penalty (see LossOutput)."""
+    recon = sparse_decode_ref(vals, idx, W_dec, b_dec)
+    mse, fvu = source_mse_ref(recon, x, widths)
+    want_pen = penalty_coef != 0.0 if with_penalty is None else with_penalty
+    pen = (decoder_norm_penalty_ref(vals, idx, W_dec, widths) if want_pen
+           else recon.new_zeros(()))
+    loss = mse.sum() + penalty_coef * pen / x.shape[0]
+    return LossOutput(loss, recon, mse, fvu, pen)

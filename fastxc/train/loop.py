@@ -1,0 +1,414 @@
+"""The training loop: ``train(cfg)`` from the data to the saved crosscoder and its summary.
+
+Outputs in ``cfg.out``:
+
+    crosscoder/        the trained model (Crosscoder.load)
+    checkpoint/        the latest checkpoint (model, optimizer, trainer state; --resume)
+    metrics.jsonl      one JSON line every --log-every steps
+    summary.json       the final evaluation (per-source FVU, L0, NRN classes)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, TextIO
+
+import torch
+from torch import nn
+
+from fastxc.core.crosscoder import Crosscoder
+from fastxc.core.norms import CLASS_NAMES, classify, relative_norms, text_histogram
+from fastxc.core.optim import AdamInBackward
+from fastxc.train import checkpoint, parallel
+from fastxc.train.config import TrainConfig, TrainError
+from fastxc.train.data_parallel import DataParallelCrosscoder
+from fastxc.train.feature_parallel import FeatureParallelCrosscoder
+from fastxc.train.parallel import DistContext
+
+log = logging.getLogger("fastxc.train")
+
+
+# ---------------------------------------------------------------------------- data
+class DataSource(NamedTuple):
+    widths: list[int]
+    batches: Any  # callable(batch_size, seed, start) -> iterator of [B, D] or [B, n, d] tensors
+    scales: Any  # [n_sources] normalisation multipliers applied to the data (None: 1)
+    description: str
+    source_names: list[str] | None
+
+
+def open_data(cfg: TrainConfig) -> DataSource:
+    """The data of ``cfg``: its ``--store``, else the planted synthetic source."""
+    want = cfg.parsed_widths()
+    store_path = cfg.store
+    if store_path is not None:
+        from fastxc.data.store import open_store
+
+        reader = open_store(store_path)
+        if len(reader) == 0:
+            raise TrainError(f"store {store_path} is empty")
+        widths = list(reader.widths)
+        if want is not None and want != widths:
+            raise TrainError(f"--widths {want} do not match the store's widths {widths} ({store_path})")
+        return DataSource(widths, reader.batches, reader.scales, f"store {store_path} ({len(reader)} rows)", list(reader.source_names))
+
+    from fastxc.data.synthetic import PlantedSource
+
+    widths = want or [64, 64]
+    src = PlantedSource(widths, n_shared=cfg.synthetic_shared, n_unique=cfg.synthetic_unique, noise=cfg.synthetic_noise, seed=cfg.seed)
+    names = ["A", "B"] if len(widths) == 2 else None
+    return DataSource(widths, src.batches, None, f"synthetic planted source (widths {widths}, seed {cfg.seed})", names)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------- schedules
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last decay_frac of steps."""
+    warm = cfg.warmup_frac * cfg.steps
+    decay_start = (1 - cfg.decay_frac) * cfg.steps
+    if warm > 0 and step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.decay_frac > 0 and step >= decay_start:
+        return cfg.lr * max(0.0, (cfg.steps - step) / (cfg.steps - decay_start))
+    return cfg.lr
+
+
+def l1_at(cfg: TrainConfig, step: int) -> float:
+    """The relu L1 coefficient: linear warm-up from 0 over the first l1_warmup_frac of steps."""
+    warm = cfg.l1_warmup_frac * cfg.steps
+    return cfg.l1_coef * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+
+
+# ---------------------------------------------------------------------------- setup
+@dataclass
+class _Run:
+    """One training run in progress: what ``train`` set up and the trainer state it advances."""
+
+    cfg: TrainConfig
+    ctx: DistContext | None  # None unless --parallel data|features
+    device: torch.device
+    data: DataSource
+    out: Path
+    model: nn.Module  # the module this rank trains (see ``wrap``)
+    opt: AdamInBackward
+    step: int = 0
+    skipped: int = 0  # non-finite batches skipped in all
+    bad_run: int = 0  # consecutive non-finite batches just before this step
+
+    @property
+    def is_main(self) -> bool:
+        return parallel.is_main(self.ctx)
+
+    def state(self) -> dict:
+        """The trainer state a checkpoint keeps (state.json)."""
+        return {"step": self.step, "skipped": self.skipped, "bad_run": self.bad_run, "config": dataclasses.asdict(self.cfg)}
+
+
+def _prepare_out(cfg: TrainConfig) -> Path:
+    """The run folder: created, refused if it holds a run (unless --resume), or cleared (--overwrite)."""
+    if cfg.out is None:
+        if cfg.resume:
+            raise TrainError("--resume needs --out: the run folder to continue")
+        cfg.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} exists and is not a directory")
+    has_run = out.is_dir() and (checkpoint.find_checkpoint(out) is not None or (out / "crosscoder").exists())
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise TrainError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if has_run and cfg.overwrite:
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "crosscoder"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _build_model(cfg: TrainConfig, data: DataSource, device: torch.device) -> Crosscoder:
+    """The freshly initialised Crosscoder (seeded by the caller), scaled as the data."""
+    model = Crosscoder(
+        data.widths,
+        cfg.n_features,
+        cfg.activation,
+        k=cfg.k,
+        aux_k=cfg.aux_k,
+        aux_coef=cfg.aux_coef,
+        l1_coef=cfg.l1_coef,
+        dec_init_norm=cfg.dec_init_norm,
+        dead_tokens=cfg.dead_tokens,
+        source_names=data.source_names,
+        device=torch.device("cpu") if cfg.parallel == "features" else device,  # wrap moves each rank's slice
+    )
+    if data.scales is not None:
+        model.input_scale.copy_(torch.as_tensor(data.scales, dtype=torch.float32))
+    return model
+
+
+def wrap(model: Crosscoder, ctx: DistContext | None) -> nn.Module:
+    """The module this rank trains: ``model`` itself, its data-parallel replica or its slice."""
+    if ctx is None:
+        return model
+    if ctx.mode == "data":
+        return DataParallelCrosscoder(model, ctx)
+    return FeatureParallelCrosscoder(model, ctx)
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamInBackward:
+    """Adam (fused where the device has it) stepped inside backward, so only one [F, D] gradient
+    is ever alive (fastxc.core.optim). Under --parallel data its hooks run after the model's own
+    gradient-averaging hooks (registered first), so each rank steps with the averaged gradient."""
+    return AdamInBackward(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def _start(cfg: TrainConfig) -> _Run:
+    """Validate ``cfg``, join the process group, open the data and the run folder, and build the
+    model and optimizer."""
+    cfg.validate()
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda requested but no CUDA device is available")
+    ctx = parallel.setup(cfg.parallel, device)
+    if ctx is not None:
+        device = ctx.device
+    data = open_data(cfg)
+    out = parallel.from_main(lambda: _prepare_out(cfg), ctx)
+    torch.manual_seed(cfg.seed)
+    model = wrap(_build_model(cfg, data, device), ctx)
+    return _Run(cfg, ctx, device, data, out, model, _make_optimizer(model, cfg))
+
+
+def _restore(run: _Run) -> None:
+    """--resume: load the run folder's checkpoint (either format) and drop the metric lines
+    after it; otherwise start metrics.jsonl afresh."""
+    metrics = run.out / "metrics.jsonl"
+    ckpt = checkpoint.find_checkpoint(run.out) if run.cfg.resume else None
+    if ckpt is None:
+        if run.cfg.resume:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", run.out)
+        if run.is_main:
+            metrics.unlink(missing_ok=True)
+        return
+    meta = checkpoint.load_checkpoint(ckpt, run.model, run.opt)
+    run.step, run.skipped, run.bad_run = meta["step"], meta["skipped"], meta["bad_run"]
+    if run.is_main:
+        _truncate_metrics(metrics, run.step)
+    log.info("resumed from %s at step %d", ckpt, run.step)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ---------------------------------------------------------------------------- training
+class TrainResult(NamedTuple):
+    model: Crosscoder
+    out: Path
+    summary: dict
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run training as configured; returns the model, the output folder and the summary
+    (model None and summary empty on ranks other than 0)."""
+    run = _start(cfg)
+    _restore(run)
+    print(f"fastxc: training a {cfg.activation} crosscoder, widths {run.data.widths}, F={cfg.n_features}"
+          + (f", k={cfg.k}" if cfg.activation != "relu" else "") + f" on {run.data.description}", file=sys.stderr)
+    _run_steps(run)
+    return _finish(run)
+
+
+@contextlib.contextmanager
+def _hooks_removed(opt):
+    try:
+        yield
+    finally:
+        if isinstance(opt, AdamInBackward):
+            opt.remove()
+
+
+def _run_steps(run: _Run) -> None:
+    """Steps run.step .. cfg.steps: train, log, checkpoint (skipping non-finite batches)."""
+    cfg = run.cfg
+    batches = parallel.batches(run.data.batches, cfg.batch_size, cfg.seed, run.step, run.ctx)
+    run.model.train()
+    bar = _progress(cfg, run.step) if run.is_main else _NoBar()
+    # the in-backward optimizer's hooks come off the model when the loop ends, however it ends
+    with open(run.out / "metrics.jsonl" if run.is_main else os.devnull, "a") as file, _hooks_removed(run.opt):
+        metrics = _MetricsLog(file, bar, cfg, run.is_main)
+        while run.step < cfg.steps:
+            x = _to_device(next(batches), run.device)
+            if not torch.isfinite(x).all():
+                _skip_batch(run)
+                bar.update(1)
+                continue
+            run.bad_run = 0
+            lr, l1, res = _train_step(run, x)
+            run.step += 1
+            metrics.add(res)
+            bar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                metrics.write(run, lr, l1)
+            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
+                checkpoint.save(run.out, run.model, run.opt, run.ctx, run.state())
+    bar.close()
+
+
+def _skip_batch(run: _Run) -> None:
+    """Count a non-finite batch as a step without training; TrainError after too many in a row."""
+    run.skipped += 1
+    run.bad_run += 1
+    if run.bad_run >= run.cfg.max_bad_batches:
+        raise TrainError(
+            f"{run.bad_run} consecutive batches held NaN/Inf (last at step {run.step}); the data is broken — check the store"
+        )
+    run.step += 1
+
+
+def _train_step(run: _Run, x: torch.Tensor):
+    """One optimizer step on batch x at the schedules' values -> (lr, l1 coefficient, output)."""
+    lr = lr_at(run.cfg, run.step)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    l1 = l1_at(run.cfg, run.step)
+    res = run.model(x, l1_coef=l1)
+    if not torch.isfinite(res.loss):
+        raise TrainError(f"loss became {res.loss.item()} at step {run.step}; try a lower --lr")
+    run.opt.zero_grad(set_to_none=True)
+    res.loss.backward()
+    run.opt.step()
+    return lr, l1, res
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The final checkpoint; then on rank 0 the whole model, saved and evaluated; leave the group."""
+    checkpoint.save(run.out, run.model, run.opt, run.ctx, run.state())
+    model = checkpoint.full_model(run.model, run.ctx, run.out / "checkpoint")  # None on ranks other than 0
+    summary: dict = {}
+    if model is not None:
+        model.save(run.out / "crosscoder")
+        summary = evaluate(model, run.data, run.cfg)
+        summary.update(steps=run.step, skipped_batches=run.skipped)
+        (run.out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=2))
+    parallel.shutdown(run.ctx)
+    return TrainResult(model, run.out, summary)
+
+
+# ---------------------------------------------------------------------------- metrics
+class _MetricsLog:
+    """The step outputs since the last metrics line, written as one JSON line of their means."""
+
+    def __init__(self, file: TextIO, bar, cfg: TrainConfig, is_main: bool):
+        self.file, self.bar, self.cfg, self.is_main = file, bar, cfg, is_main
+        self.window: list[dict] = []
+        self.t_last, self.tokens = time.perf_counter(), 0
+
+    def add(self, res) -> None:
+        self.tokens += self.cfg.batch_size  # the global batch (under --parallel data x is this rank's rows)
+        self.window.append({"loss": res.loss.item(), "mse": res.mse.tolist(), "fvu": res.fvu.tolist(), "l0": res.l0.item()})
+
+    def write(self, run: _Run, lr: float, l1: float) -> None:
+        now = time.perf_counter()
+        rec = _summarise_window(self.window, run.step, run.step * self.cfg.batch_size, self.tokens / max(now - self.t_last, 1e-9))
+        rec.update(lr=lr, l1_coef=l1 if self.cfg.activation == "relu" else None, skipped=run.skipped,
+                   dead=int(run.model.dead_mask().sum()))
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu="/".join(f"{v:.3f}" for v in rec["fvu"]), l0=f"{rec['l0']:.1f}")
+        if not self.cfg.progress and self.is_main:
+            print(_format_metrics(rec), file=sys.stderr)
+        self.window, self.t_last, self.tokens = [], now, 0
+
+
+def _summarise_window(window: list[dict], step: int, tokens: int, tok_s: float) -> dict:
+    n = max(len(window), 1)
+
+    def mean(key: str) -> float:
+        return sum(w[key] for w in window) / n
+
+    def vec(key: str) -> list[float]:
+        return [sum(w[key][i] for w in window) / n for i in range(len(window[0][key]))] if window else []
+
+    return {"step": step, "tokens": tokens, "loss": mean("loss"), "mse": vec("mse"), "fvu": vec("fvu"), "l0": mean("l0"), "tokens_per_s": tok_s}
+
+
+def _format_metrics(rec: dict) -> str:
+    fvu = " ".join(f"{v:.4f}" for v in rec["fvu"])
+    return f"step {rec['step']:>7} loss {rec['loss']:.4g} fvu [{fvu}] l0 {rec['l0']:.1f} dead {rec['dead']} {rec['tokens_per_s']:.0f} tok/s"
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _eval_pass(model: Crosscoder, data: DataSource, cfg: TrainConfig):
+    """Encode and decode cfg.eval_batches fresh batches (non-finite ones dropped) ->
+    (inputs [N, D], reconstructions [N, D], fired [F] bool, mean L0, batches used)."""
+    device = model.W_dec.device
+    # A different seed gives batches in another order (for a store) or unseen rows (synthetic).
+    it = data.batches(cfg.batch_size, seed=cfg.seed + 1, start=0)
+    xs, rs, fired, l0 = [], [], torch.zeros(model.n_features, dtype=torch.bool, device=device), 0.0
+    for _ in range(cfg.eval_batches):
+        x = model.flatten_input(_to_device(next(it), device))
+        if not torch.isfinite(x).all():
+            continue
+        f = model.encode(x)
+        xs.append(x)
+        rs.append(model.decode(f))
+        fired |= (f > 0).any(dim=0)
+        l0 += float((f > 0).sum(dim=1).float().mean())
+    if not xs:
+        raise TrainError("every evaluation batch held NaN/Inf")
+    return torch.cat(xs), torch.cat(rs), fired, l0 / len(xs)
+
+
+@torch.no_grad()
+def evaluate(model: Crosscoder, data: DataSource, cfg: TrainConfig) -> dict:
+    """Per-source FVU and L0 on fresh batches (eval mode), NRN histogram and classes of live features."""
+    model.eval()
+    try:
+        x, recon, fired, l0 = _eval_pass(model, data, cfg)
+    finally:
+        model.train()
+    summary: dict = {"fvu": model.fvu(x, recon).tolist(), "l0": l0, "live_features": int(fired.sum()),
+                     "n_features": model.n_features, "source_names": model.source_names}
+    if model.n_sources >= 2:
+        nrn = relative_norms(model, 0, 1).nrn[fired.cpu()]
+        cls = classify(nrn)
+        summary["classes"] = {name: int((cls == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+        summary["nrn_mean"] = float(nrn.nanmean()) if nrn.numel() else float("nan")
+        summary["nrn_histogram"] = torch.histc(nrn[~torch.isnan(nrn)], bins=10, min=0, max=1).int().tolist()
+        summary["_nrn_text"] = text_histogram(nrn)
+    return summary
