@@ -513,8 +513,13 @@ def test_cli_errors(tmp_path, zoo, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and msg in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "o" / "manifest.json").exists()
+    # an unknown flag is named first (not the required flags it hides), in one line
     with pytest.raises(SystemExit) as e:
         H.main(["--model-a", a, "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "--bogus" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        H.main(["--model-a", a])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and "--tokens" in err and err.count("\n") == 1
     rc = H.main(["--model-a", a, "--model-b", b, "--dataset", ds, "--tokens", "30", "--out", str(tmp_path / "ok"),

@@ -199,7 +199,7 @@ def plot_ablation(results: Sequence[dict], path: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli, write_json
 
-    p = parser("python -m fastxc.analysis.ablate", "Zero-ablate reasoning features and report the marker-logit change (seed Fig. 2).",
+    p = parser("fastxc ablate", "Zero-ablate reasoning features and report the marker-logit change (seed Fig. 2).",
                store_required=True)
     p.add_argument("--category", action="append", default=None,
                    help="category to ablate (repeatable; default: all of --categories / the seed's four)")

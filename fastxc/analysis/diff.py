@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastxc.analysis.diff``: decoder-norm diffing of a crosscoder (seed Figure 1, Table 1)."""
     from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
 
-    p = parser("python -m fastxc.analysis.diff", "Relative decoder norms, classes, NRN histogram, top/bottom features with contexts.")
+    p = parser("fastxc diff", "Relative decoder norms, classes, NRN histogram, top/bottom features with contexts.")
     p.add_argument("--ord", type=int, default=1, choices=(1, 2), help="norm of the decoder vectors (seed: 1)")
     p.add_argument("--only-a-max", type=float, default=ONLY_A_MAX, help="NRN below this: only in model A")
     p.add_argument("--only-b-min", type=float, default=ONLY_B_MIN, help="NRN above this: only in model B")

@@ -124,7 +124,7 @@ def evaluate(inp: Inputs, sequences: Sequence[Sequence[int]], batch_size: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("python -m fastxc.analysis.evaluate", "Spliced-in next-token loss (fraction of loss recovered), FVU and L0.")
+    p = parser("fastxc eval", "Spliced-in next-token loss (fraction of loss recovered), FVU and L0.")
     p.add_argument("--data", default=None, help="held-out texts (.jsonl with --text-field, or .txt lines); default: windows of the store's tokens")
     p.add_argument("--text-field", default="text")
     p.add_argument("--eval-store", default=None, help="held-out store for FVU/L0 (default: --store)")

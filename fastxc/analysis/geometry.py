@@ -192,7 +192,7 @@ def plot_cdf(losses: dict, path: Path, title: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
 
-    p = parser("python -m fastxc.analysis.geometry", "Parallelogram loss of word-pair analogies on PCA-reduced activations (seed Fig. 4).")
+    p = parser("fastxc geometry", "Parallelogram loss of word-pair analogies on PCA-reduced activations (seed Fig. 4).")
     p.add_argument("--pairs", default=None, help='word-pair JSON {"class": [["a", "b"], ...]} (default: the shipped set)')
     p.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="PCA dimensions")
     args = p.parse_args(argv)

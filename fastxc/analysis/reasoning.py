@@ -188,7 +188,7 @@ def reasoning_analysis(cc: Crosscoder, reader, tokenizer, categories: dict | Non
 def main(argv: Sequence[str] | None = None) -> int:
     from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
 
-    p = parser("python -m fastxc.analysis.reasoning", "Features active at reasoning markers and their NRN, per category.",
+    p = parser("fastxc reasoning", "Features active at reasoning markers and their NRN, per category.",
                store_required=True)
     p.add_argument("--categories", default=None, help='JSON file {"name": ["Marker", ...]} (default: the seed study\'s)')
     p.add_argument("--at", default="before", choices=POSITIONS, help="position: before the marker (predicts it) or on it")

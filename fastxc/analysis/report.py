@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastxc.analysis.inputs import run_cli
     from fastxc.core.cli import Parser
 
-    p = Parser(prog="python -m fastxc.analysis.report", description="One static HTML page from the analyses' outputs.")
+    p = Parser(prog="fastxc report", description="One static HTML page from the analyses' outputs.")
     p.add_argument("--runs", default=None, help="folder holding eval/ diff/ reasoning/ ablate/ steer/ geometry/")
     for key in SECTIONS:
         p.add_argument(f"--{key}", default=None, help=f"the {key} output folder (overrides --runs)")

@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, read_texts, run_cli, write_json
     from fastxc.analysis.reasoning import load_categories
 
-    p = parser("python -m fastxc.analysis.steer", "Steer a model with crosscoder features or difference-of-means directions.")
+    p = parser("fastxc steer", "Steer a model with crosscoder features or difference-of-means directions.")
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with --prompt-field")
     p.add_argument("--prompt-field", default="question")
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' <think>'")

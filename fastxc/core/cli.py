@@ -20,6 +20,16 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # An unknown flag is the first thing to report: argparse would name the missing
+        # required flags instead, which sends the user looking in the wrong place.
+        argv = list(sys.argv[1:] if args is None else args)
+        flags = argv[:argv.index("--")] if "--" in argv else argv
+        unknown = [a for a in flags if a.startswith("--") and a.split("=", 1)[0] not in self._option_string_actions]
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_known_args(argv, namespace)
+
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"error: {message} (see --help)\n")
 

@@ -653,7 +653,7 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
 
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m fastxc.data.harvest",
+    p = Parser(prog="fastxc harvest",
                                 description="Harvest residual-stream activations of HF models into a fastxc store.")
     p.add_argument("--model-a", help="first model (hub id or local folder)")
     p.add_argument("--model-b", help="second model")

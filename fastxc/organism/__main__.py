@@ -15,7 +15,7 @@ from fastxc.organism.build import OrganismConfig, build_organism, load_organism,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m fastxc.organism", description=__doc__.split("\n")[0])
+    p = Parser(prog="fastxc organism", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(OrganismConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f.name.replace("_", " "))

@@ -95,11 +95,11 @@ def next_commands(run_dir: str | Path, seed: int = 0) -> list[str]:
     an = Path(run_dir) / "analysis"
     common = f"--crosscoder {cc} --store {st}"
     return [
-        f"python -m fastxc.analysis.diff {common} --out {an}/diff          # NRN histogram, top features",
-        f"python -m fastxc.analysis.reasoning {common} --out {an}/reasoning  # features before Wait, Therefore, ...",
-        f"python -m fastxc.analysis.ablate {common} --out {an}/ablate        # marker-logit change (seed Fig. 2)",
-        f"python -m fastxc.analysis.steer {common} --out {an}/steer --prompts {qs} --suffix ' <think>' "
+        f"fastxc diff {common} --out {an}/diff          # NRN histogram, top features",
+        f"fastxc reasoning {common} --out {an}/reasoning  # features before Wait, Therefore, ...",
+        f"fastxc ablate {common} --out {an}/ablate        # marker-logit change (seed Fig. 2)",
+        f"fastxc steer {common} --out {an}/steer --prompts {qs} --suffix ' <think>' "
         f"--feature auto:self-reflection   # over-thinking",
-        f"python -m fastxc.analysis.report --runs {an} --out {an}/report.html",
-        "python -m fastxc.organism --help                 # rebuild the organism: size, steps, seed",
+        f"fastxc report --runs {an} --out {an}/report.html",
+        "fastxc organism --help                 # rebuild the organism: size, steps, seed",
     ]
