@@ -147,49 +147,68 @@ def test_data_parallel_matches_one_process(single, tmp_path):
     _assert_close(Crosscoder.load(out / "crosscoder"), single, TOL)
 
 
-def _children(pid: int) -> list[int]:
+# Each rank of a 2-rank run, asked for the checkpoint of step STOP_AT, creates MARKER.<rank> and
+# waits to be killed: the test kills the whole run on that signal, at a known step whatever the
+# machine's speed, with the checkpoint of the step before complete on disk.
+_PAUSING_TRAINER = """
+import os, pathlib, runpy, sys, time
+from fastxc.train import checkpoint
+marker, stop_at = sys.argv[1], int(sys.argv[2])
+real_save = checkpoint.save
+def save(out, model, opt, ctx, state):
+    if state["step"] == stop_at:
+        pathlib.Path(marker + "." + os.environ["RANK"]).touch()
+        while True:
+            time.sleep(60)
+    real_save(out, model, opt, ctx, state)
+checkpoint.save = save
+sys.argv = ["fastxc.train", *sys.argv[3:]]
+runpy.run_module("fastxc.train", run_name="__main__")
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's children, grandchildren, ... (torchrun starts each worker in its own session)."""
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+    return kids + [d for k in kids for d in _descendants(k)]
 
 
-def _kill_after_checkpoint(args: list[str], out: Path, at_step: int) -> int:
-    """Start a 2-rank run, SIGKILL its workers and torchrun once a checkpoint of >= at_step
-    exists; returns the checkpoint's step. Fails if the run ended before it could be killed."""
-    p = _torchrun(args)
-    state = out / "checkpoint" / "state.json"
-    step = -1
-    deadline = time.monotonic() + 600
+def _kill_at_checkpoint(args: list[str], out: Path, stop_at: int) -> int:
+    """Run 2 ranks until both are about to write the checkpoint of ``stop_at``, SIGKILL torchrun
+    and its workers; returns the step of the checkpoint left on disk."""
+    script, marker = out.parent / "pausing_trainer.py", out.parent / "paused"
+    script.write_text(_PAUSING_TRAINER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           str(marker), str(stop_at), *args]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        while time.monotonic() < deadline and p.poll() is None:
-            try:
-                step = json.loads(state.read_text())["step"]
-            except (OSError, ValueError, KeyError):
-                step = -1
-            if step >= at_step:
-                break
-            time.sleep(0.01)
-        workers = _children(p.pid)
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
-        p.kill()
-        p.communicate(timeout=60)
+        deadline = time.monotonic() + 600
+        while not all(Path(f"{marker}.{r}").exists() for r in (0, 1)):
+            if p.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run never reached step {stop_at} (rc {p.poll()}): {p.communicate()[0][-3000:]}")
+            time.sleep(0.05)
     finally:
-        if p.poll() is None:
-            p.kill()
-    assert workers and step >= at_step, f"run ended (rc {p.returncode}) before a checkpoint at step {at_step}"
+        for pid in [p.pid, *_descendants(p.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.communicate(timeout=60)
     assert not (out / "summary.json").exists(), "the run finished before it was killed"
-    ckpt = find_checkpoint(out)  # checkpoint/, or checkpoint.old/ if killed between the two renames
-    return json.loads((ckpt / "state.json").read_text())["step"]
+    return json.loads((find_checkpoint(out) / "state.json").read_text())["step"]
 
 
 @pytest.mark.slow
 def test_killed_two_rank_run_resumes_exactly(features2, single, tmp_path):
     out = tmp_path / "run"
     args = [*ARGS, "--parallel", "features", "--out", str(out)]
-    step = _kill_after_checkpoint(args, out, at_step=20)
-    assert 20 <= step < 50
+    step = _kill_at_checkpoint(args, out, stop_at=30)
+    assert step == 20
     one = tmp_path / "one"  # the same checkpoint, continued by one plain process
     shutil.copytree(out, one)
     _run([*args, "--resume"])
