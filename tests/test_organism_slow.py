@@ -12,6 +12,19 @@ SEEDS = [0, 1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
+def test_organism_weights_are_the_recorded_ones(seed):
+    """Pinned numerics (fastxc.core.numerics) build the same bytes on every x86-64 machine: the
+    weights' sha256 equal the ones recorded in fastxc.organism.build. If this fails, every
+    figure below comes from other weights than the README's: the CPU floats differ here."""
+    from fastxc.organism.build import RECORDED_SHA256, reproduces
+
+    org = load_organism(OrganismConfig(seed=seed), progress=False)
+    assert seed in RECORDED_SHA256, "record this seed's sha256 in fastxc.organism.build"
+    assert reproduces(org), (org.info.get("numerics"), org.info.get("sha256"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
 def test_distilled_reflects_and_closes_think(seed):
     """Temperature 0.7 on 50 held-out questions, stopping at end of text: "Wait" and
     "Alternatively" per generated token >= 5x base's, and </think> on >= 95% of them."""

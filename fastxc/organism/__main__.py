@@ -11,7 +11,7 @@ import json
 import sys
 
 from fastxc.core.cli import Parser
-from fastxc.organism.build import OrganismConfig, build_organism, load_organism, organism_dir
+from fastxc.organism.build import RECIPE_VERSION, OrganismConfig, build_organism, load_organism, reproduces
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"organism: {org.root}")
+    same = reproduces(org)
+    if same is not None:
+        print(f"  weights: {'the recorded' if same else 'NOT the recorded'} sha256 of recipe v{RECIPE_VERSION} seed {cfg.seed}"
+              + ("" if same else " (this machine's CPU floats differ: see fastxc.core.numerics)"))
     print(f"  base:      {org.base}")
     print(f"  distilled: {org.distilled}")
     print(f"  build timings (s): {json.dumps(org.info['timings'])}")

@@ -313,6 +313,27 @@ def load_organism(cfg: OrganismConfig = OrganismConfig(), progress: bool = True,
     return build_organism(cfg, progress=progress, threads=threads)
 
 
+# sha256 of base/ and distilled/ model.safetensors of the default config (OrganismConfig(seed=S))
+# under recipe v4's pinned numerics (built 2026-12-01 on an AMD EPYC machine; the same floats gave
+# every figure the README measured on the project's earlier CI machine). A machine that builds other
+# bytes has CPU floats the pinning does not cover; ``reproduces`` says so.
+RECORDED_SHA256 = {
+    0: {"base": "9a76d88934fd25f74174b4436583d4fd82576cee89d5577236397540a0eac4a8",
+        "distilled": "760f7f90d24c441f42cdc71b20e29b2ccb963fe12bea12d2e2afe5350fb0dea6"},
+    1: {"base": "e69a6f0219036f759e728ed698f0ad401dde16a29cab83ea4715dc41d953118f",
+        "distilled": "839c3a19556fb9207ed1e92fb5d2c7743e19da647d3a3246dffb7d68d00d87f2"},
+}
+
+
+def reproduces(org: Organism) -> bool | None:
+    """Whether ``org``'s weights are the recorded ones (None: no record for its config)."""
+    cfg = OrganismConfig(**org.info["config"])
+    want = RECORDED_SHA256.get(cfg.seed) if cfg == OrganismConfig(seed=cfg.seed) else None
+    if want is None or org.info.get("recipe_version") != RECIPE_VERSION:
+        return None
+    return org.info.get("sha256") == want
+
+
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(OrganismConfig))
 
