@@ -147,24 +147,7 @@ def test_data_parallel_matches_one_process(single, tmp_path):
     _assert_close(Crosscoder.load(out / "crosscoder"), single, TOL)
 
 
-# Each rank of a 2-rank run, asked for the checkpoint of step STOP_AT, creates MARKER.<rank> and
-# waits to be killed: the test kills the whole run on that signal, at a known step whatever the
-# machine's speed, with the checkpoint of the step before complete on disk.
-_PAUSING_TRAINER = """
-import os, pathlib, runpy, sys, time
-from fastxc.train import checkpoint
-marker, stop_at = sys.argv[1], int(sys.argv[2])
-real_save = checkpoint.save
-def save(out, model, opt, ctx, state):
-    if state["step"] == stop_at:
-        pathlib.Path(marker + "." + os.environ["RANK"]).touch()
-        while True:
-            time.sleep(60)
-    real_save(out, model, opt, ctx, state)
-checkpoint.save = save
-sys.argv = ["fastxc.train", *sys.argv[3:]]
-runpy.run_module("fastxc.train", run_name="__main__")
-"""
+PAUSING_TRAINER = Path(__file__).with_name("pausing_trainer.py")  # see its docstring
 
 
 def _descendants(pid: int) -> list[int]:
@@ -179,11 +162,10 @@ def _descendants(pid: int) -> list[int]:
 def _kill_at_checkpoint(args: list[str], out: Path, stop_at: int) -> int:
     """Run 2 ranks until both are about to write the checkpoint of ``stop_at``, SIGKILL torchrun
     and its workers; returns the step of the checkpoint left on disk."""
-    script, marker = out.parent / "pausing_trainer.py", out.parent / "paused"
-    script.write_text(_PAUSING_TRAINER)
+    marker = out.parent / "paused"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(PAUSING_TRAINER),
            str(marker), str(stop_at), *args]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -218,6 +200,23 @@ def test_killed_two_rank_run_resumes_exactly(features2, single, tmp_path):
     res = train(parse_config([*ARGS, "--out", str(one), "--resume"]))
     _assert_close(res.model, ref, TOL)
     _assert_close(res.model, single, TOL)
+
+
+@pytest.mark.parametrize("mode", ["data", "features"])
+def test_bf16_parallel_world_of_one_trains_and_resumes_in_one_process(tmp_path, mode):
+    """--dtype bfloat16 under --parallel (a world of 1, no torchrun): fp32 masters, the dtype in
+    the checkpoint (the sharded manifest's config too), and the checkpoint continues in a plain
+    process only with the same --dtype."""
+    args = ["--source", "synthetic", "--widths", "16,16", "--n-features", "32", "--k", "4", "--batch-size", "32",
+            "--checkpoint-every", "5", "--no-progress", "--dtype", "bfloat16", "--out", str(tmp_path / mode)]
+    out = tmp_path / mode
+    res = train(parse_config([*args, "--steps", "10", "--parallel", mode]))
+    assert res.model.compute_dtype == torch.bfloat16 and res.model.W_dec.dtype == torch.float32
+    if mode == "features":
+        assert json.loads((out / "checkpoint" / "manifest.json").read_text())["config"]["compute_dtype"] == "bfloat16"
+    assert load_full_model(out / "checkpoint").compute_dtype == torch.bfloat16
+    cont = train(parse_config([*args, "--steps", "14", "--resume"]))  # one plain process
+    assert cont.summary["steps"] == 14 and cont.model.compute_dtype == torch.bfloat16
 
 
 def test_parallel_none_under_torchrun_env_is_refused(monkeypatch, tmp_path, capsys):
@@ -257,6 +256,15 @@ STEP_CASES = [  # (activation, n_features, k, aux_k)
 # residual variance is a one-pass float64 sum instead of the two-pass fp32 one); a doubled
 # gradient gives 0.4.
 STEP_TOL = 1e-6
+# bf16 compute: relative difference of the outputs (max) and gradients (Frobenius) of both modes
+# from the single-process bf16 step; bf16 rounds at other points there (feature parallel sums
+# fp32 partials, one process rounds the whole reconstruction to bf16). Measured: <= 1.1e-2
+# for relu / topk and every output. Training batchtopk runs the dense path in both modes, whose
+# bf16 GEMM rounds pre to bf16, against the fused single-process step (fp32 products of the bf16
+# operands): a few of the 10 x 37 selections flip at near ties, measured <= 0.112 of the
+# gradient (cpu backend). A doubled or lost gradient gives >= 0.5.
+BF16_STEP_TOL = 5e-2
+BF16_STEP_TOL_BATCHTOPK = 0.2
 
 
 def _one_step_worker(result_dir: str) -> None:
@@ -336,6 +344,44 @@ def _one_step_worker(result_dir: str) -> None:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             note(f"{tag}/grad_{name}", getattr(dp, name).grad, getattr(ref, name).grad)
 
+    # bf16 compute (--dtype bfloat16): both modes against the single-process bf16 Crosscoder
+    # (fp32 master weights and gradients; feature parallel sums its partials in fp32)
+    worst_bf16: dict[str, float] = {}
+    for activation, F, k, aux_k in STEP_CASES[:4]:
+        g = torch.Generator().manual_seed(F * 100 + k)
+        base = Crosscoder([8, 8], F, activation, k=k, aux_k=aux_k, dead_tokens=100, l1_coef=0.3,
+                          compute_dtype="bfloat16")
+        base.reset_parameters(generator=g)
+        with torch.no_grad():
+            base.b_enc.normal_(0, 0.05, generator=g)
+            base.b_dec.normal_(0, 0.05, generator=g)
+            base.tokens_since_fired[::3] = 1000
+        x = torch.randn(10, 16, generator=g)
+        ref = copy.deepcopy(base).train()
+        out = ref(x, l1_coef=0.3)
+        out.loss.backward()
+        lo, hi = feature_slices(F, W)[rank]
+        b = x.shape[0] // W
+        fp = FeatureParallelCrosscoder(copy.deepcopy(base), ctx).train()
+        dp = DataParallelCrosscoder(copy.deepcopy(base), dataclasses.replace(ctx, mode="data")).train()
+        assert fp.compute_dtype == dp.compute_dtype == torch.bfloat16
+        of, od = fp(x, l1_coef=0.3), dp(x[rank * b : (rank + 1) * b], l1_coef=0.3)
+        of.loss.backward()
+        od.loss.backward()
+        for mode, o, m, rows, feats in (("features", of, fp, slice(None), slice(lo, hi)),
+                                        ("data", od, dp, slice(rank * b, (rank + 1) * b), slice(None))):
+            assert o.recon.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in m.parameters())
+            for name, a, bb in [("recon", o.recon, out.recon[rows]), ("loss", o.loss, out.loss), ("mse", o.mse, out.mse)]:
+                d = (a.detach() - bb.detach()).abs().max().item() / max(1.0, bb.detach().abs().max().item())
+                worst_bf16[f"{mode}/{activation}/{name}"] = max(worst_bf16.get(f"{mode}/{activation}/{name}", 0.0), d)
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                want = getattr(ref, name).grad
+                want = want if name == "b_dec" else want[feats]
+                got = getattr(m, name).grad
+                rel = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+                worst_bf16[f"{mode}/{activation}/grad_{name}"] = rel
+    Path(result_dir, f"worst_bf16.rank{rank}.json").write_text(json.dumps(worst_bf16, indent=1))
+
     # a single-process checkpoint (after one Adam step) re-sliced into this rank's features
     # 18 | 19 of 37: the rows of the weights and of both Adam moments
     from fastxc.train import save_checkpoint
@@ -395,6 +441,10 @@ def test_one_step_every_mode_matches_reference(tmp_path, backend):
         assert len(worst) == 3 * (14 + 13), sorted(worst)  # 3 activations x (features, data) quantities
         bad = {k: v for k, v in worst.items() if not v <= STEP_TOL}
         assert not bad, f"rank {rank}: distributed step differs from the reference: {bad}"
+        worst = json.loads((tmp_path / f"worst_bf16.rank{rank}.json").read_text())
+        assert len(worst) == 2 * 3 * 7, sorted(worst)  # (features, data) x 3 activations x 7 quantities
+        bad = {k: v for k, v in worst.items() if not v <= (BF16_STEP_TOL_BATCHTOPK if "batchtopk/grad" in k else BF16_STEP_TOL)}
+        assert not bad, f"rank {rank}: bf16 distributed step differs from the bf16 reference: {bad}"
 
 
 

@@ -85,3 +85,29 @@ def test_the_check_sees_a_violation(tmp_path):
 def test_kernels_import_nothing_of_fastxc():
     for path in (ROOT / "kernels").rglob("*.py"):
         assert not _fastxc_imports(path) or {t for _, t in _fastxc_imports(path)} == {"kernels"}, path
+
+
+def _layout_rows() -> dict[str, str]:
+    """README's layout table: the package folder of each row -> the row's text."""
+    readme = (ROOT.parent / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[1].startswith("`fastxc/") and cells[1].endswith("/`"):
+            rows[cells[1].strip("`").split("/")[1]] = cells[2]
+    return rows
+
+
+def test_readme_layout_table_matches_the_tree():
+    """Every layer package has its row, and each row names every public module in it."""
+    rows = _layout_rows()
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert sorted(rows) == packages, (sorted(rows), packages)
+    for pkg, text in rows.items():
+        for mod in sorted((ROOT / pkg).glob("*.py")):
+            if mod.name.startswith("_"):
+                continue
+            named = f"`{mod.name}`" in text or f"`{mod.stem}`" in text or (
+                mod.stem.startswith("triton_") and "`triton_*.py`" in text)
+            assert named, f"README's layout row for fastxc/{pkg}/ does not name {mod.name}"

@@ -8,9 +8,9 @@ from fastxc import Crosscoder
 from fastxc.core.optim import AdamInBackward, adam
 
 
-def _train(make_opt, steps=6, sd=None):
+def _train(make_opt, steps=6, sd=None, compute_dtype=None):
     torch.manual_seed(1)
-    m = Crosscoder([16, 12], 96, "topk", k=4)
+    m = Crosscoder([16, 12], 96, "topk", k=4, compute_dtype=compute_dtype)
     opt = make_opt(m.parameters())
     if sd is not None:
         opt.load_state_dict(sd)
@@ -25,9 +25,12 @@ def _train(make_opt, steps=6, sd=None):
     return m, opt
 
 
-def test_bit_identical_to_torch_adam_and_same_state_dict():
-    a, oa = _train(lambda p: AdamInBackward(p, lr=1e-2))
-    b, ob = _train(lambda p: adam(p, lr=1e-2))
+@pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
+def test_bit_identical_to_torch_adam_and_same_state_dict(compute_dtype):
+    """Also under bf16 compute: the hooks sit on the fp32 masters, whose gradients arrive
+    through the per-forward casts, and Adam's state stays fp32."""
+    a, oa = _train(lambda p: AdamInBackward(p, lr=1e-2), compute_dtype=compute_dtype)
+    b, ob = _train(lambda p: adam(p, lr=1e-2), compute_dtype=compute_dtype)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
         assert p.grad is None, f"{name}: the gradient must be dropped inside backward"
@@ -37,6 +40,8 @@ def test_bit_identical_to_torch_adam_and_same_state_dict():
     for i in sb["state"]:
         for k, v in sb["state"][i].items():
             assert torch.equal(sa["state"][i][k], v), (i, k)
+            if k != "step":
+                assert v.dtype == torch.float32, (i, k)
 
 
 def test_resume_from_either_state_dict_continues_identically():

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,32 +54,14 @@ def _weights(path):
     return load_file(str(path / "crosscoder" / "model.safetensors"))
 
 
-# ``python -m fastxc.train`` with the checkpoint writer wrapped: asked for the checkpoint of step
-# STOP_AT, it creates the marker file and waits to be killed. The test kills it on that signal,
-# at a known point whatever the machine's speed: after metrics.jsonl got the step's line and
-# before its checkpoint exists, so the resume also drops that line and redoes the steps.
-_PAUSING_TRAINER = """
-import pathlib, runpy, sys, time
-from fastxc.train import checkpoint
-marker, stop_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-real_save = checkpoint.save
-def save(out, model, opt, ctx, state):
-    if state["step"] == stop_at:
-        marker.touch()
-        while True:
-            time.sleep(60)
-    real_save(out, model, opt, ctx, state)
-checkpoint.save = save
-sys.argv = ["fastxc.train", *sys.argv[3:]]
-runpy.run_module("fastxc.train", run_name="__main__")
-"""
+PAUSING_TRAINER = Path(__file__).with_name("pausing_trainer.py")  # see its docstring
 
 
 def _kill_at_checkpoint(args, out, stop_at):
     """Run the trainer until it is about to write the checkpoint of step ``stop_at``, then SIGKILL it."""
     marker, log = out.parent / f"{out.name}.paused", out.parent / f"{out.name}.stderr"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _PAUSING_TRAINER, str(marker), str(stop_at), *args, "--out", str(out)],
+        proc = subprocess.Popen([sys.executable, str(PAUSING_TRAINER), str(marker), str(stop_at), *args, "--out", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 300
@@ -92,10 +75,12 @@ def _kill_at_checkpoint(args, out, stop_at):
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("activation", ["topk", pytest.param("batchtopk", marks=pytest.mark.slow), pytest.param("relu", marks=pytest.mark.slow)])
-def test_sigkill_then_resume_gives_identical_weights(tmp_path, activation):
+def test_sigkill_then_resume_gives_identical_weights(tmp_path, activation, dtype):
     args = TINY + ["--activation", activation, "--steps", "600", "--checkpoint-every", "100", "--log-every", "100",
-                   "--aux-k", "8" if activation != "relu" else "0", "--dead-tokens", "2000", "--l1-coef", "0.05"]
+                   "--aux-k", "8" if activation != "relu" else "0", "--dead-tokens", "2000", "--l1-coef", "0.05",
+                   "--dtype", dtype]
     ref = _run_cli(args + ["--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
 
@@ -112,6 +97,34 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, activation):
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(100, 601, 100)), "metrics.jsonl must hold each logged step once"
+    # the checkpoint records the dtype: the trainer config, and the model config when not fp32
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["config"]["dtype"] == dtype
+    cfg = json.loads((out / "checkpoint" / "model" / "config.json").read_text())
+    assert cfg.get("compute_dtype", "float32") == dtype
+    assert all(v.dtype == torch.float32 for v in b.values() if v.is_floating_point()), "fp32 master weights"
+
+
+def test_resume_with_another_dtype_is_refused(tmp_path, capsys):
+    args = TINY + ["--steps", "4", "--checkpoint-every", "2", "--out", str(tmp_path), "--dtype", "bfloat16"]
+    assert main(args) == 0
+    line = _error_line(capsys, TINY + ["--steps", "8", "--out", str(tmp_path), "--resume"])
+    assert "trained with --dtype bfloat16, this run has --dtype float32" in line, line
+    assert main(TINY + ["--steps", "8", "--out", str(tmp_path), "--resume", "--dtype", "bfloat16"]) == 0
+    assert "--dtype must be one of float32, bfloat16" in _error_line(capsys, TINY + ["--dtype", "float16"])
+
+
+def test_device_auto_is_the_default_and_bad_devices_are_one_line(tmp_path, capsys):
+    from fastxc.core.device import resolve_device
+
+    assert TrainConfig().device == "auto"
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = ["--steps", "2", "--out", str(tmp_path / "o")]
+    assert "--device 'bogus' is not a device" in _error_line(capsys, TINY + out + ["--device", "bogus"])
+    if not torch.cuda.is_available():
+        assert "no CUDA device is available" in _error_line(capsys, TINY + out + ["--device", "cuda"])
+    assert not (tmp_path / "o" / "crosscoder").exists()
+    assert main(TINY + out) == 0  # auto
 
 
 def test_metrics_jsonl_and_summary(tmp_path):

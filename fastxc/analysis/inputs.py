@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastxc.core.cli import Parser, report
+from fastxc.core.device import resolve_device
 from fastxc.core.crosscoder import Crosscoder
 from fastxc.analysis.hooks import AnalysisError, check_layer
 from fastxc.data.models import config_dims, hidden_size, load_config, load_model, load_tokenizer
@@ -164,13 +165,13 @@ def parser(prog: str, description: str, store_required: bool = False) -> argpars
     p.add_argument("--model-b", default=None, help="model of source 1 (default: from the store manifest)")
     p.add_argument("--layer", type=int, default=None, help="decoder layer whose input was harvested (default: manifest)")
     p.add_argument("--out", default=None, help="output folder (plots and JSON)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling positions / generation")
     return p
 
 
 def inputs_from_args(args) -> Inputs:
-    return open_inputs(args.crosscoder, args.store, args.model_a, args.model_b, args.layer, args.device)
+    return open_inputs(args.crosscoder, args.store, args.model_a, args.model_b, args.layer, str(resolve_device(args.device)))
 
 
 def out_dir(args, default: str) -> Path:

@@ -36,6 +36,23 @@ ACTIVATIONS = ("relu", "topk", "batchtopk")
 RELU_SPARSE_MAX_FRAC = 1 / 32
 RELU_DENSE_STEPS = 100
 CONFIG_VERSION = 1
+# compute dtypes a crosscoder's forward can run in (``compute_dtype``), by name
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype_of(value) -> torch.dtype | None:
+    """``compute_dtype`` as given (None, a torch dtype or a name: "float32", "bfloat16", also
+    "fp32", "bf16") -> a torch dtype, or None; ValueError with one line otherwise."""
+    if value is None or isinstance(value, torch.dtype):
+        if value is not None and value not in COMPUTE_DTYPES.values():
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {value}")
+        return value
+    name = {"fp32": "float32", "bf16": "bfloat16"}.get(str(value).lower(), str(value).lower())
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}")
+    return COMPUTE_DTYPES[name]
 
 
 class CrosscoderOutput:
@@ -115,8 +132,10 @@ class ForwardStep:
         return fired
 
     def recon_as(self, x: Tensor) -> Tensor:
-        """recon2 in the input's shape ([B, D] or [B, n, d])."""
-        return self.recon2.view_as(x) if x.dim() == 3 else self.recon2
+        """recon2 in the input's shape ([B, D] or [B, n, d]) and dtype (a bf16 compute's
+        reconstruction of fp32 inputs is handed back in fp32)."""
+        r = self.recon2 if self.recon2.dtype == x.dtype else self.recon2.to(x.dtype)
+        return r.view_as(x) if x.dim() == 3 else r
 
 
 def _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names):
@@ -162,6 +181,15 @@ class Crosscoder(nn.Module):
             (AuxK target and the trainer's dead-feature count).
         threshold_momentum: EMA momentum of the batchtopk running threshold.
         source_names: optional names, e.g. ``["base", "distilled"]``.
+        dtype: dtype of the parameters (the master weights the optimizer updates).
+        compute_dtype: dtype the forward computes in (mixed precision), or None: the
+            parameters' dtype. ``torch.bfloat16`` (or "bfloat16") with fp32 parameters: each
+            forward casts the weights once to bf16 and the encoder and decoder GEMMs take bf16
+            operands (the input is cast too); the loss is accumulated in fp32 against the
+            input as given, and the gradients flow back through the casts onto the fp32
+            parameters, so the optimizer keeps fp32 weights and fp32 Adam state. ``recon``
+            comes back in the input's dtype; the code (``vals``, ``code``) in the compute
+            dtype. Part of ``config()`` (so checkpoints and ``load`` keep it) when set.
 
     Example:
         >>> cc = Crosscoder([64, 64], n_features=256, activation="topk", k=8)
@@ -186,6 +214,7 @@ class Crosscoder(nn.Module):
         source_names: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        compute_dtype: torch.dtype | str | None = None,
     ):
         super().__init__()
         widths, n_features, norms = _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names)
@@ -214,6 +243,11 @@ class Crosscoder(nn.Module):
         # widest code row exceeds RELU_SPARSE_MAX_FRAC of F run densely (re-probed now and then)
         self._relu_dense_until = 0
         self._calls = 0
+        # mixed precision: None (compute in the parameters' dtype) or the dtype the forward casts
+        # the weights and inputs to; the casts of one forward are made once (_cast_cache)
+        cd = compute_dtype_of(compute_dtype)
+        self.compute_dtype: torch.dtype | None = None if cd == dtype else cd
+        self._cast_cache: dict | None = None
 
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(n_features, self.d_total, **factory))
@@ -276,10 +310,37 @@ class Crosscoder(nn.Module):
             return self.W_dec.view(self.n_features, self.n_sources, self.widths[0]).norm(dim=-1)
         return torch.stack([p.norm(dim=1) for p in self.split(self.W_dec)], dim=1)
 
+    # ------------------------------------------------------------------ mixed precision
+    def weight(self, name: str) -> Tensor:
+        """Parameter ``name`` as the forward computes with it: the parameter itself, or (with a
+        ``compute_dtype``) its differentiable cast, made once per forward call, so the
+        gradients of every use reach the parameter through one cast."""
+        p = getattr(self, name)
+        cd = self.compute_dtype
+        if cd is None or p.dtype == cd:
+            return p
+        cache = self._cast_cache
+        if cache is None:
+            return p.to(cd)
+        if name not in cache:
+            cache[name] = p.to(cd)
+        return cache[name]
+
+    def to_compute(self, t: Tensor) -> Tensor:
+        """An activation as the GEMMs take it: cast to ``compute_dtype`` (when set)."""
+        cd = self.compute_dtype
+        return t if cd is None or t.dtype == cd else t.to(cd)
+
+    def accum(self, t: Tensor) -> Tensor:
+        """A compute-dtype result as the loss and the collectives take it: fp32 (when a
+        ``compute_dtype`` is set; otherwise unchanged)."""
+        return t if self.compute_dtype is None or t.dtype == torch.float32 else t.float()
+
+    # ------------------------------------------------------------------ pieces
     def pre_activation(self, x: Tensor) -> Tensor:
-        """x [B, D] or [B, n, d] -> pre [B, F] = x @ W_enc.T + b_enc."""
+        """x [B, D] or [B, n, d] -> pre [B, F] = x @ W_enc.T + b_enc (in the compute dtype)."""
         x2 = self.flatten_input(x)
-        return torch.addmm(self.b_enc, x2, self.W_enc.t())
+        return torch.addmm(self.weight("b_enc"), self.to_compute(x2), self.weight("W_enc").t())
 
     def activate(self, pre: Tensor) -> Tensor:
         """pre [B, F] -> dense code f [B, F] for the configured activation.
@@ -309,18 +370,20 @@ class Crosscoder(nn.Module):
         return thr
 
     def encode(self, x: Tensor) -> Tensor:
-        """x [B, D] or [B, n, d] -> dense code f [B, F]."""
-        return self.activate(self.pre_activation(x))
+        """x [B, D] or [B, n, d] -> dense code f [B, F] (in x's dtype)."""
+        f = self.activate(self.pre_activation(x))
+        return f if f.dtype == x.dtype or self.compute_dtype is None else f.to(x.dtype)
 
     def decode(self, f: Tensor) -> Tensor:
-        """f [B, F] -> recon [B, D] = f @ W_dec + b_dec."""
-        return torch.addmm(self.b_dec, f, self.W_dec)
+        """f [B, F] -> recon [B, D] = f @ W_dec + b_dec (in f's dtype; computed in the compute dtype)."""
+        recon = torch.addmm(self.weight("b_dec"), self.to_compute(f), self.weight("W_dec"))
+        return recon if recon.dtype == f.dtype or self.compute_dtype is None else recon.to(f.dtype)
 
     def sparsity_penalty(self, f: Tensor, dec_norms: Tensor | None = None) -> Tensor:
         """mean_b sum_k f[b,k] * sum_i ||W_dec[k, src_i]||_2 (seed paper eq. 5, without lambda)."""
         if dec_norms is None:
             dec_norms = self.decoder_norms()
-        return (f @ dec_norms.sum(dim=1)).mean()
+        return (self.accum(f) @ dec_norms.sum(dim=1)).mean()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, l1_coef: float | None = None) -> CrosscoderOutput:
@@ -334,13 +397,17 @@ class Crosscoder(nn.Module):
         """
         x2 = self.flatten_input(x)
         self._calls += 1
-        step = self.fused_step(x2, l1_coef) if self.use_fused(x2) else self.dense_step(x2, l1_coef)
-        stats = self.batch_statistics(step)
-        aux = step.loss.new_zeros(())
-        if self.uses_auxk():
-            aux = self.auxk(x2, step, stats)
-            step.loss = step.loss + self.aux_coef * aux
-        return self.output(x, x2, step, aux, stats)
+        self._cast_cache = None if self.compute_dtype is None else {}
+        try:
+            step = self.fused_step(x2, l1_coef) if self.use_fused(x2) else self.dense_step(x2, l1_coef)
+            stats = self.batch_statistics(step)
+            aux = step.loss.new_zeros(())
+            if self.uses_auxk():
+                aux = self.auxk(x2, step, stats)
+                step.loss = step.loss + self.aux_coef * aux
+            return self.output(x, x2, step, aux, stats)
+        finally:
+            self._cast_cache = None  # the casts live on in the autograd graph only
 
     def dense_step(self, x2: Tensor, l1_coef: float | None) -> ForwardStep:
         """The plain-torch path: x2 [B, D] -> ForwardStep with the dense code f [B, F]."""
@@ -352,15 +419,16 @@ class Crosscoder(nn.Module):
         no dense [B, F] tensor takes part in backward."""
         vals, idx = self.sparse_code(x2)
         loss, recon2, mse, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
-        return ForwardStep(recon2, recon2 - x2, mse, loss, sparsity, active=vals > 0, vals=vals, idx=idx)
+        err = self.accum(recon2) - self.accum(x2)
+        return ForwardStep(recon2, err, mse, loss, sparsity, active=vals > 0, vals=vals, idx=idx)
 
     def dense_loss(self, x2: Tensor, l1_coef: float | None):
         """The plain-torch path: x2 [B, D] -> (pre [B, F], code f [B, F], recon2, err = recon2 - x2
         [B, D], mse [n], loss = sum(mse) + sparsity, sparsity (relu's decoder-norm L1, else 0))."""
-        pre = torch.addmm(self.b_enc, x2, self.W_enc.t())
+        pre = torch.addmm(self.weight("b_enc"), self.to_compute(x2), self.weight("W_enc").t())
         f = self.activate(pre)
         recon2 = self.decode(f)
-        err = recon2 - x2
+        err = self.accum(recon2) - self.accum(x2)
         mse, loss, sparsity = self.loss_terms(err, l1_coef, lambda: self.sparsity_penalty(f))
         return pre, f, recon2, err, mse, loss, sparsity
 
@@ -386,24 +454,27 @@ class Crosscoder(nn.Module):
         """x2 [B, D] -> the code as (vals, idx) [B, m] through the fused encode ops (batchtopk:
         over this batch while training, the running threshold at inference)."""
         bk = self.backend
+        xc, W_enc, b_enc = self.to_compute(x2), self.weight("W_enc"), self.weight("b_enc")
         if self.activation == "topk":
-            vals, idx = K.topk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
+            vals, idx = K.topk_encode(xc, W_enc, b_enc, self.k, backend=bk)
         elif self.activation == "relu":
-            vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, backend=bk)
+            vals, idx = K.relu_encode(xc, W_enc, b_enc, backend=bk)
             if idx.shape[1] > RELU_SPARSE_MAX_FRAC * self.n_features:
                 self._relu_dense_until = self._calls + RELU_DENSE_STEPS
         elif self.training:  # batchtopk
-            vals, idx = K.batchtopk_encode(x2, self.W_enc, self.b_enc, self.k, backend=bk)
+            vals, idx = K.batchtopk_encode(xc, W_enc, b_enc, self.k, backend=bk)
             K.update_threshold(self.threshold, vals, self.threshold_momentum)
         else:
-            vals, idx = K.relu_encode(x2, self.W_enc, self.b_enc, threshold=self.inference_threshold(), backend=bk)
+            vals, idx = K.relu_encode(xc, W_enc, b_enc, threshold=self.inference_threshold(), backend=bk)
         return vals, idx
 
     def sparse_loss(self, vals: Tensor, idx: Tensor, x2: Tensor, l1_coef: float | None):
         """The fused loss of a sparse code -> (loss, recon2 [B, D], mse [n], sparsity): loss is
         sum(mse) (+ the relu decoder-norm penalty, whose mean over rows is ``sparsity``)."""
         coef = (self.l1_coef if l1_coef is None else float(l1_coef)) if self.activation == "relu" else 0.0
-        out = K.crosscoder_loss(vals, idx, self.W_dec, self.b_dec, x2, self.widths, coef, backend=self.backend)
+        # the target is x2 as given (fp32 under bf16 compute): the loss sums in fp32 either way
+        out = K.crosscoder_loss(vals, idx, self.weight("W_dec"), self.weight("b_dec"), x2, self.widths, coef,
+                                backend=self.backend)
         sparsity = coef * out.penalty / x2.shape[0] if self.activation == "relu" else out.loss.new_zeros(())
         return out.loss, out.recon, out.mse, sparsity
 
@@ -448,10 +519,10 @@ class Crosscoder(nn.Module):
         if k_aux == 0:
             return x2.new_zeros(())
         dead_idx = dead.nonzero().squeeze(1)
-        pre_d = torch.addmm(self.b_enc[dead_idx], x2, self.W_enc[dead_idx].t())
+        pre_d = torch.addmm(self.weight("b_enc")[dead_idx], self.to_compute(x2), self.weight("W_enc")[dead_idx].t())
         vals, j = pre_d.topk(k_aux, dim=-1, sorted=False)
-        e_hat = K.sparse_decode(torch.relu(vals), dead_idx[j], self.W_dec, backend=self.backend)
-        return auxk_residual_loss(e_hat, err, denom)
+        e_hat = K.sparse_decode(torch.relu(vals), dead_idx[j], self.weight("W_dec"), backend=self.backend)
+        return auxk_residual_loss(self.accum(e_hat), err, denom)
 
     def dead_mask(self) -> Tensor:
         """[F] bool: features that have not fired in the last ``dead_tokens`` training tokens."""
@@ -473,7 +544,7 @@ class Crosscoder(nn.Module):
         masked = pre.masked_fill(~dead, float("-inf"))
         vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
         code = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
-        return auxk_residual_loss(code @ self.W_dec, err, denom)
+        return auxk_residual_loss(self.accum(code @ self.weight("W_dec")), err, denom)
 
     @torch.no_grad()
     def fvu(self, x: Tensor, recon: Tensor) -> Tensor:
@@ -514,6 +585,8 @@ class Crosscoder(nn.Module):
             "dead_tokens": self.dead_tokens,
             "threshold_momentum": self.threshold_momentum,
             "source_names": self.source_names,
+            # only when set, so that an fp32 model's config (and file) is what it always was
+            **({"compute_dtype": str(self.compute_dtype).removeprefix("torch.")} if self.compute_dtype is not None else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:

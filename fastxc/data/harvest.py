@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from fastxc.core.cli import Parser, report
+from fastxc.core.device import resolve_device
 from fastxc.data.models import config_dims, decoder_layers, load_config, load_model, load_tokenizer, pad_batch, resolve_dtype
 from fastxc.data.store import MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype
 
@@ -670,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", "--store-dtype", dest="store_dtype", default="bfloat16",
                    help="store dtype: bfloat16 (default), float16, float32, fp8 (e4m3, per-row scale)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--model-dtype", default="float32", help="float32 (default), bfloat16, float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outlier-factor", type=float, default=10.0,
@@ -696,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise HarvestError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
         path = harvest(models, args.out, args.dataset, args.tokens, layer=args.layer, layers=layers,
                        context_length=args.context_length, batch_size=args.batch_size,
-                       store_dtype=args.store_dtype, device=args.device, model_dtype=args.model_dtype,
+                       store_dtype=args.store_dtype, device=str(resolve_device(args.device)), model_dtype=args.model_dtype,
                        text_field=args.text_field, seed=args.seed, progress=not args.no_progress,
                        outlier_factor=args.outlier_factor, shard_tokens=args.shard_tokens,
                        shuffle_buffer=args.shuffle_buffer, overwrite=args.overwrite,

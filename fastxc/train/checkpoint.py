@@ -265,6 +265,10 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, ve
     if meta.get("version") != version:
         raise TrainError(f"{path}: checkpoint version {meta.get('version')} is not {version}")
     rd = _CheckpointReader(path)
+    had, has = rd.config.get("compute_dtype", "float32"), model.config().get("compute_dtype", "float32")
+    if had != has:
+        raise TrainError(f"{path}: the checkpoint was trained with --dtype {had}, this run has --dtype {has}; "
+                         f"resume it with --dtype {had}")
     if rd.config != model.config():
         diff = {k: (rd.config.get(k), v) for k, v in model.config().items() if rd.config.get(k) != v}
         raise TrainError(f"{path}: checkpoint does not match this run's model config: {diff}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastxc.core.cli import Parser
-from fastxc.core.crosscoder import ACTIVATIONS
+from fastxc.core.crosscoder import ACTIVATIONS, COMPUTE_DTYPES
 from fastxc.train.parallel import PARALLEL_MODES
 
 
@@ -63,7 +63,9 @@ class TrainConfig:
     log_every: int = _doc("steps between metric lines", default=100)
     checkpoint_every: int = _doc("steps between checkpoints (0: only at the end)", default=500)
     eval_batches: int = _doc("batches in the final evaluation", default=8)
-    device: str = _doc("torch device", default="cpu")
+    device: str = _doc("torch device: auto (CUDA when available, else cpu), cpu, cuda, cuda:N", default="auto")
+    dtype: str = _doc("compute dtype: float32, or bfloat16 (mixed precision: bf16 GEMMs and activations, "
+                      "fp32 master weights, Adam state and loss)", default="float32")
     parallel: str = _doc("under torchrun: 'data' (ranks split each batch's rows) or 'features' (ranks split the dictionary); 'none': one process", default="none")
     progress: bool = _doc("show a progress bar", default=True)
     # synthetic source
@@ -101,6 +103,8 @@ class TrainConfig:
             raise TrainError("give either --store or --source synthetic, not both")
         if self.resume and self.overwrite:
             raise TrainError("--resume and --overwrite contradict each other")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise TrainError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.parallel not in PARALLEL_MODES:
             raise TrainError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         self.parsed_widths()

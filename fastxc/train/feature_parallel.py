@@ -33,6 +33,7 @@ from fastxc.core.crosscoder import (
     CrosscoderOutput,
     ForwardStep,
     auxk_residual_loss,
+    compute_dtype_of,
 )
 from fastxc.kernels import _dispatch
 from fastxc.train import parallel
@@ -158,6 +159,10 @@ class FeatureParallelCrosscoder(nn.Module):
         if self.hi <= self.lo:
             raise DistributedError(f"{ctx.world_size} ranks for {self.n_features} features: rank {ctx.rank} would own none")
         self._calls = 0  # Crosscoder.forward counts its calls
+        # mixed precision as the Crosscoder's (weight / to_compute / accum); the partial
+        # reconstructions are summed over ranks in fp32
+        self.compute_dtype = compute_dtype_of(cfg.get("compute_dtype"))
+        self._cast_cache = None
         rows = slice(self.lo, self.hi)
         dev = ctx.device
         self.W_enc = nn.Parameter(base.W_enc.detach()[rows].to(dev, copy=True))
@@ -181,6 +186,9 @@ class FeatureParallelCrosscoder(nn.Module):
     flatten_input = Crosscoder.flatten_input
     split = Crosscoder.split
     fvu = Crosscoder.fvu
+    weight = Crosscoder.weight
+    to_compute = Crosscoder.to_compute
+    accum = Crosscoder.accum
 
     def config(self) -> dict:
         return dict(self._config)
@@ -221,28 +229,29 @@ class FeatureParallelCrosscoder(nn.Module):
 
     def decode(self, f: Tensor) -> Tensor:
         """f [B, F_r] -> the whole reconstruction [B, D] (the ranks' partials summed) + b_dec."""
-        return reduce_replicated(f @ self.W_dec) + self.b_dec
+        return reduce_replicated(self.accum(self.to_compute(f) @ self.weight("W_dec"))) + self.b_dec
 
     def sparsity_penalty(self, f: Tensor) -> Tensor:
         """The decoder-norm-weighted L1 of the whole code (mean over rows), summed over ranks."""
-        return reduce_replicated((f @ self.decoder_norms().sum(dim=1)).mean())
+        return reduce_replicated((self.accum(f) @ self.decoder_norms().sum(dim=1)).mean())
 
     def sparse_code(self, x2: Tensor) -> tuple[Tensor, Tensor]:
         """x2 [B, D] -> this rank's code (vals, idx) [B, m], local feature ids."""
+        xc, W_enc, b_enc = self.to_compute(x2), self.weight("W_enc"), self.weight("b_enc")
         if self.activation == "relu":
-            return K.relu_encode(x2, self.W_enc, self.b_enc)
+            return K.relu_encode(xc, W_enc, b_enc)
         # local top-k (relu applied: entries with pre <= 0 tie at 0 and add nothing, so ranking
         # the relu'd values picks the same code), then the global winners
-        vals, idx = K.topk_encode(x2, self.W_enc, self.b_enc, min(self.k, self.W_enc.shape[0]))
+        vals, idx = K.topk_encode(xc, W_enc, b_enc, min(self.k, self.W_enc.shape[0]))
         return vals * global_topk_keep(vals, idx + self.lo, self.k), idx
 
     def sparse_loss(self, vals: Tensor, idx: Tensor, x2: Tensor, l1_coef: float | None):
         """As ``Crosscoder.sparse_loss`` -> (loss, recon2 [B, D], mse [n], sparsity), with the
         partial reconstruction and penalty summed over ranks."""
-        recon2 = reduce_replicated(K.sparse_decode(vals, idx, self.W_dec)) + self.b_dec
+        recon2 = reduce_replicated(self.accum(K.sparse_decode(vals, idx, self.weight("W_dec")))) + self.b_dec
         mse, loss, sparsity = self.loss_terms(
-            recon2 - x2, l1_coef,
-            lambda: reduce_replicated((vals * self.decoder_norms().sum(dim=1)[idx]).sum(dim=1).mean()))
+            recon2 - self.accum(x2), l1_coef,
+            lambda: reduce_replicated((self.accum(vals) * self.decoder_norms().sum(dim=1)[idx]).sum(dim=1).mean()))
         return loss, recon2, mse, sparsity
 
     def batch_statistics(self, step: ForwardStep) -> tuple[int, Tensor]:
@@ -265,14 +274,14 @@ class FeatureParallelCrosscoder(nn.Module):
         if step.pre is not None:
             masked = step.pre.masked_fill(~dead, float("-inf"))
             code = torch.relu(step.pre) * global_topk_mask(masked, k_aux, self.lo)
-            return auxk_residual_loss(reduce_replicated(code @ self.W_dec), step.err)
+            return auxk_residual_loss(reduce_replicated(self.accum(code @ self.weight("W_dec"))), step.err)
         # only the dead features' encoder columns ([B, n_dead_r]), as Crosscoder's sparse AuxK
         dead_idx = dead.nonzero().squeeze(1)
-        pre_d = torch.addmm(self.b_enc[dead_idx], x2, self.W_enc[dead_idx].t())
+        pre_d = torch.addmm(self.weight("b_enc")[dead_idx], self.to_compute(x2), self.weight("W_enc")[dead_idx].t())
         v, j = pre_d.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
         v = torch.relu(v) * global_topk_keep(v, dead_idx[j] + self.lo, k_aux)  # a collective: even with no local candidate
         if dead_idx.numel():
-            partial = K.sparse_decode(v, dead_idx[j], self.W_dec)
+            partial = self.accum(K.sparse_decode(v, dead_idx[j], self.weight("W_dec")))
         else:  # no dead feature here (others have some): nothing to add, and no empty code to decode
             partial = self.W_dec.new_zeros((x2.shape[0], self.d_total))
         return auxk_residual_loss(reduce_replicated(partial), step.err)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fastxc.core.crosscoder import Crosscoder
+from fastxc.core.device import resolve_device
 from fastxc.core.norms import CLASS_NAMES, classify, relative_norms, text_histogram
 from fastxc.core.optim import AdamInBackward
 from fastxc.train import checkpoint, parallel
@@ -150,6 +151,8 @@ def _build_model(cfg: TrainConfig, data: DataSource, device: torch.device) -> Cr
         dead_tokens=cfg.dead_tokens,
         source_names=data.source_names,
         device=torch.device("cpu") if cfg.parallel == "features" else device,  # wrap moves each rank's slice
+        # fp32 master weights always; --dtype bfloat16 makes the forward compute in bf16
+        compute_dtype=None if cfg.dtype == "float32" else cfg.dtype,
     )
     if data.scales is not None:
         model.input_scale.copy_(torch.as_tensor(data.scales, dtype=torch.float32))
@@ -176,9 +179,7 @@ def _start(cfg: TrainConfig) -> _Run:
     """Validate ``cfg``, join the process group, open the data and the run folder, and build the
     model and optimizer."""
     cfg.validate()
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda requested but no CUDA device is available")
+    device = resolve_device(cfg.device)  # DeviceError (a ValueError): one line
     ctx = parallel.setup(cfg.parallel, device)
     if ctx is not None:
         device = ctx.device
