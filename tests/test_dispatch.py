@@ -52,3 +52,73 @@ def test_env_backend_routes_ops(monkeypatch):
     monkeypatch.setenv("FASTXC_BACKEND", "cpu")
     v2, _ = K.topk_encode(x, W, b, 3)
     assert "EncodeFn" in type(v2.grad_fn).__name__
+
+
+# A sitecustomize that hides triton from every Python process started with it on PYTHONPATH
+# (the training command's child processes too).
+_HIDE_TRITON = '''
+import sys
+
+class _NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError(f"{name} hidden by tests/test_dispatch.py")
+        return None
+
+sys.meta_path.insert(0, _NoTriton())
+'''
+
+_NO_TRITON_OPS = '''
+import sys
+import fastxc
+assert "triton" not in sys.modules
+import fastxc.kernels as K
+assert "triton" not in sys.modules
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise AssertionError("triton is not hidden")
+import torch
+torch.manual_seed(0)
+x = torch.randn(8, 16)
+W = torch.randn(33, 16, requires_grad=True)
+b = torch.zeros(33, requires_grad=True)
+Wd = torch.randn(33, 16, requires_grad=True)
+vals, idx = K.topk_encode(x, W, b, 4)
+recon = K.sparse_decode(vals, idx, Wd)
+recon.pow(2).sum().backward()
+assert W.grad is not None and Wd.grad is not None and b.grad is not None
+assert torch.isfinite(W.grad).all() and torch.isfinite(Wd.grad).all()
+from fastxc.kernels import _dispatch
+assert _dispatch.choose(x) == "cpu"
+assert "triton" not in sys.modules
+print("no-triton ok")
+'''
+
+
+def test_works_without_triton(tmp_path):
+    """With triton hidden from the import system (a meta_path finder that raises ImportError,
+    installed by a sitecustomize in every process): ``import fastxc``, a topk_encode +
+    sparse_decode forward and backward on CPU tensors, and a 20-step synthetic training run."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(_HIDE_TRITON)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTXC_BACKEND")}
+    env.update(OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), root, env.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", _NO_TRITON_OPS], capture_output=True, text=True,
+                       env=env, cwd=root, timeout=300)
+    assert p.returncode == 0 and "no-triton ok" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "fastxc.train", "--source", "synthetic", "--steps", "20",
+                        "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "hidden by tests/test_dispatch.py" not in p.stderr
+    assert any(out.iterdir())

@@ -13,30 +13,26 @@ instructions in the PTX (``mma.sync`` / ``wgmma.mma_async``) and occupancy (resi
 SM from registers, shared memory and num_warps; the architecture limits are in ``ARCHS``).
 
 A row "fits" when it compiled, spills nothing and its shared memory is within the per-block
-limit; the exit status is 1 when any row does not. Compiles run in worker processes with
-TRITON_INTERPRET=0 (the interpreter replaces the JIT functions with Python ones).
+limit; the exit status is 1 when any row does not. ``main`` sets TRITON_INTERPRET=0 before
+triton is imported (the interpreter replaces the JIT functions with Python ones) and compiles
+in worker processes; ``registry_problems`` and ``compile_one`` need a process started so.
 """
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+import math
+import multiprocessing
 import os
-
-# before triton is imported anywhere in this process: real JIT functions, not interpreted ones
-os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import pkgutil  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 
 # per-SM / per-block limits (CUDA C Programming Guide, compute capabilities table): 64K 32-bit
 # registers and 64 resident warps per SM on both; shared memory 164 KB per SM / 163 KB per
@@ -76,6 +72,7 @@ class Row:
     spill_load: int = 0
     smem: int = 0  # bytes per block: Triton's dynamic shared memory + ptxas's static smem
     smem_limit: int = 0
+    gemm: bool = False  # a tensor-core GEMM kernel (AotCase.gemm)
     tc: int = 0  # tensor-core instructions in the PTX
     mma: str = ""  # which: "wgmma", "mma" or ""
     num_warps: int = 0
@@ -126,6 +123,53 @@ def jobs(archs, main_only: bool, kernels=None) -> list[Job]:
     return out
 
 
+def registry_problems() -> list[str]:
+    """What the registries miss, as sentences (empty: complete). Checks, over every module of
+    fastxc.kernels: each ``@triton.jit`` function launched (``name[grid](...)`` anywhere in the
+    package's sources, or wrapped by ``triton.autotune``) is in an AOT_CASES; every other one is
+    a helper called by a registered kernel; each autotune config of a kernel is one of its
+    registered configs."""
+    import pathlib
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    import fastxc.kernels as pkg
+
+    src = "\n".join(p.read_text() for p in pathlib.Path(pkg.__path__[0]).glob("*.py"))
+    registered, jits, tuners = {}, {}, []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for case in getattr(mod, "AOT_CASES", ()):
+            registered.setdefault(case.name, []).append(case)
+        for obj in vars(mod).values():
+            if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__:
+                jits[obj.__name__] = obj
+            elif isinstance(obj, Autotuner):
+                tuners.append(obj)
+    problems = []
+    tuned = {t.fn.__name__ for t in tuners}
+    for name, fn in jits.items():
+        launched = re.search(rf"\b{name}\[", src) is not None or name in tuned
+        if name in registered:
+            continue
+        if launched:
+            problems.append(f"{name} is launched but in no AOT_CASES")
+        elif not any(re.search(rf"\b{name}\(", cs[0].kernel.src) for cs in registered.values()):
+            problems.append(f"{name} is a @triton.jit function neither launched nor called by a "
+                            "registered kernel")
+    for t in tuners:
+        kcases = registered.get(t.fn.__name__)
+        if kcases is None:
+            continue  # reported above
+        for c in t.configs:
+            want = (dict(c.kwargs), c.num_warps, c.num_stages)
+            if not any(all(r.constexprs.get(k) == v for k, v in want[0].items())
+                       and (r.num_warps, r.num_stages) == want[1:] for kc in kcases for r in kc.configs):
+                problems.append(f"{t.fn.__name__}: autotune config {c} is not registered")
+    return problems
+
+
 # ----------------------------------------------------------------------------- one compile
 def occupancy(regs: int, smem: int, num_warps: int, arch: str) -> int:
     """Resident warps per SM: registers (allocated per warp in units of 256), shared memory
@@ -174,8 +218,10 @@ def compile_one(job: Job) -> Row:
     row = Row(job.kernel, job.config, job.dtype, job.arch, smem_limit=ARCHS[job.arch]["smem_block"])
     t0 = time.perf_counter()
     try:
-        case = next(c for c in cases(job.module) if c.name == job.kernel)
-        cfg = next(c for c in case.configs if c.name == job.config)
+        # a kernel may have several cases (configs per dtype group): the one with this job's
+        case, cfg = next((c, f) for c in cases(job.module) for f in c.configs
+                         if c.name == job.kernel and job.dtype in c.dtypes and f.name == job.config)
+        row.gemm = case.gemm
         row.num_warps, row.num_stages = cfg.num_warps, cfg.num_stages
         fn = case.kernel
         consts = {**case.constexprs(job.dtype), **cfg.constexprs}
@@ -245,6 +291,10 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: the CPU count)")
     ap.add_argument("--kernel", action="append", default=None, help="only this kernel (repeatable)")
     a = ap.parse_args(argv)
+    # before triton is imported in this process or its workers: real JIT functions, not the
+    # interpreter's (set here, not at import, so importing this module changes nothing)
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     archs = [s.strip() for s in a.arch.split(",") if s.strip()]
     bad = [s for s in archs if s not in ARCHS]
     if bad:

@@ -167,14 +167,14 @@ def scatter_rows(idx, crow, order, w, x, n_rows, out_dtype, pen):
 
 
 # ----------------------------------------------------------------------------- AOT registry
-def _variants(*mixed: str) -> dict[str, tuple[str, dict[str, str]]]:
+def _variants(*mixes: tuple[str, ...]) -> dict[str, tuple[str, dict[str, str]]]:
     """dtype variants: the model dtype d of the tensors (fp32, bf16, fp16) and, for the half
-    dtypes, the launches that pass one operand in fp32 (a float32 upstream gradient):
-    name -> (d, {operand role: its dtype})."""
+    dtypes, the launches that pass some operands in fp32 (a float32 upstream gradient, fp32
+    inputs with half weights): name -> (d, {operand role: its dtype})."""
     out = {d: (d, {}) for d in ("fp32", "bf16", "fp16")}
     for d in ("bf16", "fp16"):
-        for role in mixed:
-            out[f"{d}/{role}-fp32"] = (d, {role: "fp32"})
+        for roles in mixes:
+            out[f"{d}/{'+'.join(roles)}-fp32"] = (d, {r: "fp32" for r in roles})
     return out
 
 
@@ -188,13 +188,14 @@ def _one(constexprs: dict, num_warps: int = 4, main: bool = True) -> Config:
     return Config(config_name(constexprs, num_warps, 3), constexprs, num_warps, 3, main=main)
 
 
-# gather-sum: decode / loss forward (all d), encoder backward dx (weights: the fp32 gradient)
-_GS = _variants("w")
+# gather-sum: decode / loss forward (all d; fp32 vals from an fp32 encoder input), encoder
+# backward dx (weights: the fp32 gradient; out: x's dtype, fp32 for x fp32 with W in d)
+_GS = _variants(("w",), ("w", "out"))
 # gather-dot: decoder backward (g in d), loss backward (G fp32)
-_GD = _variants("g")
-# scatter: decoder backward (w, x in d), loss backward (x = G fp32), encoder backward and the
-# penalty (w fp32: the gradient / an empty code)
-_SC = _variants("x", "w")
+_GD = _variants(("g",))
+# scatter: decoder backward (w, x in d), loss backward (x = G fp32; w fp32 too for fp32 vals),
+# encoder backward and the penalty (w fp32: the gradient / an empty code; x fp32 for x fp32)
+_SC = _variants(("x",), ("w",), ("w", "x"))
 _MAIN = ("fp32", "bf16")
 
 AOT_CASES = [

@@ -19,20 +19,36 @@ from ._registry import TL, AotCase, from_triton_configs
 
 # GEMM tiles (names: fastxc/kernels/__init__.py). On a GPU the autotuned configs below are
 # searched; under the interpreter one small config runs (autotune would need a CPU timer and
-# costs minutes there). Each config fits every dtype on sm_80 and sm_90a with no spills and
-# shared memory within the limit (``python -m fastxc.kernels.aot``; tests/test_aot.py).
+# costs minutes there). Every config fits each dtype it runs in, on sm_80 and sm_90a: no
+# spills, shared memory within the limit (``python -m fastxc.kernels.aot``; tests/test_aot.py).
+# Tensor-core dots (bf16, fp16, TF32) and exact IEEE fp32 dots (CUDA-core FMAs: the whole
+# [BLOCK_M, BLOCK_N] accumulator and both operands live in registers) take different tiles.
+# Dropped (measured with the AOT tool): 128x64x64 w4 s4 (IEEE fp32: 144 KiB shared, 1.5 KB
+# spilled per thread; bf16: 0.75 KB), 64x64x64 w4 s3 (IEEE 156 B, bf16 4 B spilled),
+# 64x128x32 w4 s4 (IEEE 72 B, TF32 4 B spilled). IEEE fp32 (and x fp32 with W bf16, cast in
+# registers) spills with any BLOCK_K 32 tile somewhere (128x128 w8 20 B, 128x64 w8 20 B on
+# sm_80, 64x64 w4 80 B on sm_80; the mix 0.5-0.9 KB): its tile is 64x64x16 with 8 warps.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+]
+IEEE_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=3),
 ]
 INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}
-# the top-k GEMM picks its BLOCK_N from k (see ``topk``), so only BLOCK_M, BLOCK_K are tuned
+# the top-k GEMM picks its BLOCK_N from k (see ``topk``), so only BLOCK_M, BLOCK_K are tuned.
+# Its epilogue sorts a [BLOCK_M, BLOCK_N] tile of int64 keys in registers: 8 warps for 64 rows
+# (32 keys per thread). Dropped (sm_90a): 64-row tiles with 4 warps (IEEE fp32 152 B, bf16
+# 92 B spilled), 128-row tiles with 8 or 16 warps (IEEE fp32 80 B spilled with 16), 64x64 K
+# with 8 warps (IEEE 72 B spilled). IEEE fp32 (and the fp32 / bf16 mix) spills with every
+# BLOCK_K 32 tile on sm_80 (24 B; the mix 0.7-5 KB): its tile is 32 rows, BLOCK_K 16.
 TOPK_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+]
+TOPK_IEEE_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 16}, num_warps=8, num_stages=3),
 ]
 INTERP_TOPK_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 32}
 # the fused top-k keeps BLOCK_TOPK = next_power_of_2(k) candidates per tile and row; above
@@ -93,6 +109,7 @@ def _encode_fwd_kernel(
 
 
 _encode_fwd_tuned = triton.autotune(configs=GPU_CONFIGS, key=["B", "F", "D", "PRECISION"])(_encode_fwd_kernel)
+_encode_fwd_ieee = triton.autotune(configs=IEEE_GPU_CONFIGS, key=["B", "F", "D"])(_encode_fwd_kernel)
 
 
 @triton.jit
@@ -124,6 +141,8 @@ def _encode_topk_kernel(
 
 _encode_topk_tuned = triton.autotune(configs=TOPK_GPU_CONFIGS,
                                      key=["B", "F", "D", "BLOCK_TOPK", "PRECISION"])(_encode_topk_kernel)
+_encode_topk_ieee = triton.autotune(configs=TOPK_IEEE_GPU_CONFIGS,
+                                    key=["B", "F", "D", "BLOCK_TOPK"])(_encode_topk_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -140,6 +159,11 @@ def gemm_flags(x_dtype, w_dtype) -> dict:
     fp32 = x_dtype == w_dtype == torch.float32
     upcast = _dispatch.interpreting() or not (same_half or fp32)
     return {"UPCAST": upcast, "PRECISION": dot_precision()}
+
+
+def _ieee(x, flags) -> bool:
+    """Whether the dot runs exact fp32 (CUDA cores): it takes the IEEE configs."""
+    return flags["PRECISION"] == "ieee" and (flags["UPCAST"] or x.dtype == torch.float32)
 
 
 def block_n_topk(block_topk: int) -> int:
@@ -174,7 +198,8 @@ def topk(x, W, b, k: int):
                                   **INTERP_TOPK_CONFIG)
     else:
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_tiles)  # noqa: E731
-        _encode_topk_tuned[grid](*args, BLOCK_TOPK=block_topk, BLOCK_N=block_n, **flags)
+        tuned = _encode_topk_ieee if _ieee(x, flags) else _encode_topk_tuned
+        tuned[grid](*args, BLOCK_TOPK=block_topk, BLOCK_N=block_n, **flags)
     keys = cand.topk(k, dim=1, sorted=False).values if n_cand > k else cand[:, :k]
     return _unpack_keys(keys)
 
@@ -203,7 +228,7 @@ def pre(x, W, b, theta=None):
         _encode_fwd_kernel[grid](*args, ACT=act, **flags, **c)
     else:
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(F, meta["BLOCK_N"]))  # noqa: E731
-        _encode_fwd_tuned[grid](*args, ACT=act, **flags)
+        (_encode_fwd_ieee if _ieee(x, flags) else _encode_fwd_tuned)[grid](*args, ACT=act, **flags)
     return out
 
 
@@ -225,29 +250,47 @@ def _gemm_sig(dtype: str, out: dict) -> dict:
     return {"x_ptr": f"*{TL[xt]}", "w_ptr": f"*{TL[wt]}", "b_ptr": f"*{TL[wt]}", **out}
 
 
-def _topk_configs():
+def _topk_configs(configs):
     out = []
     for bt in (1 << i for i in range(TOPK_FUSED_MAX.bit_length())):  # every BLOCK_TOPK shipped
         # main: k = 32 (the default shapes), the first autotune config
-        for c in from_triton_configs(TOPK_GPU_CONFIGS, {"BLOCK_TOPK": bt, "BLOCK_N": max(128, bt)},
+        for c in from_triton_configs(configs, {"BLOCK_TOPK": bt, "BLOCK_N": max(128, bt)},
                                      main_index=0 if bt == 32 else -1):
             out.append(c)
     return tuple(out)
 
 
+_IEEE = tuple(d for d in GEMM_DTYPES if d.endswith("ieee"))
+_TC = tuple(d for d in GEMM_DTYPES if not d.endswith("ieee"))
+_FWD_SIG = {"theta_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "F": "i32", "D": "i32"}
+_TOPK_SIG = {"cand_ptr": "*i64", "B": "i32", "F": "i32", "D": "i32", "n_cand": "i32"}
+
+
+def _fwd_configs(configs):
+    # ACT 1 (relu / jumprelu) only adds a compare to the epilogue of ACT 0 (batchtopk)
+    return tuple(c for act in (0, 1) for c in from_triton_configs(
+        configs, {"ACT": act}, main_index=0 if act == 1 else -1))
+
+
 AOT_CASES = [
     AotCase(
-        kernel=_encode_fwd_kernel, gemm=True, dtypes=tuple(GEMM_DTYPES), main_dtypes=_MAIN_GEMM_DTYPES,
-        signature=lambda dt: _gemm_sig(dt, {"theta_ptr": "*fp32", "out_ptr": "*fp32",
-                                            "B": "i32", "F": "i32", "D": "i32"}),
-        constexprs=lambda dt: GEMM_DTYPES[dt][2],
-        # ACT 1 (relu / jumprelu) only adds a compare to the epilogue of ACT 0 (batchtopk)
-        configs=tuple(c for act in (0, 1) for c in from_triton_configs(
-            GPU_CONFIGS, {"ACT": act}, main_index=0 if act == 1 else -1))),
+        kernel=_encode_fwd_kernel, gemm=True, dtypes=_TC,
+        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _TC),
+        signature=lambda dt: _gemm_sig(dt, _FWD_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
+        configs=_fwd_configs(GPU_CONFIGS)),
     AotCase(
-        kernel=_encode_topk_kernel, gemm=True, dtypes=tuple(GEMM_DTYPES), main_dtypes=_MAIN_GEMM_DTYPES,
-        signature=lambda dt: _gemm_sig(dt, {"cand_ptr": "*i64", "B": "i32", "F": "i32", "D": "i32",
-                                            "n_cand": "i32"}),
-        constexprs=lambda dt: GEMM_DTYPES[dt][2],
-        configs=_topk_configs()),
+        kernel=_encode_fwd_kernel, gemm=True, dtypes=_IEEE,
+        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _IEEE),
+        signature=lambda dt: _gemm_sig(dt, _FWD_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
+        configs=_fwd_configs(IEEE_GPU_CONFIGS)),
+    AotCase(
+        kernel=_encode_topk_kernel, gemm=True, dtypes=_TC,
+        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _TC),
+        signature=lambda dt: _gemm_sig(dt, _TOPK_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
+        configs=_topk_configs(TOPK_GPU_CONFIGS)),
+    AotCase(
+        kernel=_encode_topk_kernel, gemm=True, dtypes=_IEEE,
+        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _IEEE),
+        signature=lambda dt: _gemm_sig(dt, _TOPK_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
+        configs=_topk_configs(TOPK_IEEE_GPU_CONFIGS)),
 ]

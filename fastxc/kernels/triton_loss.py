@@ -49,10 +49,13 @@ def col_stats(recon, x):
 
 
 _CX = {"BLOCK_M": BLOCK_M, "BLOCK_D": BLOCK_D}
+# recon (the decoder's dtype) and the target x: the same dtype, or x fp32 with a half decoder
+_DT = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "fp16": ("fp16", "fp16"),
+       "bf16/x-fp32": ("bf16", "fp32"), "fp16/x-fp32": ("fp16", "fp32")}
 AOT_CASES = [
     AotCase(
-        kernel=_col_stats_kernel, dtypes=("fp32", "bf16", "fp16"), main_dtypes=("fp32", "bf16"),
-        signature=lambda dt: {"r_ptr": f"*{TL[dt]}", "x_ptr": f"*{TL[dt]}", "out_ptr": "*fp32",
-                              "B": "i32", "D": "i32"},
+        kernel=_col_stats_kernel, dtypes=tuple(_DT), main_dtypes=("fp32", "bf16"),
+        signature=lambda dt: {"r_ptr": f"*{TL[_DT[dt][0]]}", "x_ptr": f"*{TL[_DT[dt][1]]}",
+                              "out_ptr": "*fp32", "B": "i32", "D": "i32"},
         configs=(Config(config_name(_CX, 4, 3), _CX, 4, 3, main=True),)),
 ]
