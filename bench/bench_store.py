@@ -13,7 +13,6 @@ temporary folder, read once so the page cache holds it, and deleted at the end. 
 - ``fastxc-prefetch``: ``next(reader.batches(...))``: what the trainer sees with the background
   prefetch thread; when nothing else runs this is the gather rate plus the queue hand-off.
 """
-import os
 import shutil
 
 import numpy as np

@@ -7,7 +7,6 @@ files import the fixtures' builders from here.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

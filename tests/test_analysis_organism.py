@@ -6,12 +6,10 @@ crosscoder instead of training one here.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 

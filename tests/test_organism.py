@@ -6,12 +6,11 @@ import json
 import random
 import re
 
-import numpy as np
 import pytest
 import torch
 
 from fastxc.organism import corpus as C
-from fastxc.organism.build import OrganismConfig, build_organism, load_organism, organism_dir
+from fastxc.organism.build import OrganismConfig, load_organism, organism_dir
 from fastxc.organism.tokenizer import BOS, EOS, train_tokenizer
 
 TINY = dict(vocab_size=400, hidden_size=32, n_layers=2, n_heads=2, intermediate_size=64,

@@ -7,7 +7,6 @@ is also loaded from disk in headless chromium, and the page's own image check mu
 from __future__ import annotations
 
 import base64
-import json
 import re
 import shutil
 import subprocess

@@ -2,7 +2,6 @@
 import errno
 import json
 import math
-import os
 
 import numpy as np
 import pytest

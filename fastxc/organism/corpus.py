@@ -289,7 +289,7 @@ def _narrative(rng: random.Random) -> str:
         f"The {animal} was {rng.choice(_ADJS)}.", f"{name} had {num(n)} {obj}.",
         f"{He} gave {num(g)} {obj} to {other}.", f"{other} said thank you.",
         f"Then {he} went home.", f"{He} was {feel}.", f"{name} likes the {place}.",
-        f"It was a sunny day.", f"It rained in the evening.",
+        "It was a sunny day.", "It rained in the evening.",
     ]
     k = rng.randint(2, 4)
     sents = rng.sample(pool, k)
@@ -301,7 +301,7 @@ def _narrative(rng: random.Random) -> str:
     elif r < 0.5:
         sents.append(f"Therefore, {he} was {rng.choice(_FEELINGS)}.")
     elif r < 0.6:
-        sents.append(f"Thus, the day ended.")
+        sents.append("Thus, the day ended.")
     return " ".join(sents)
 
 
