@@ -54,6 +54,9 @@ def test_diff_analysis_outputs(world, tmp_path):
     s = diff_analysis(cc, reader, world["tok"], tmp_path, top_n=3, n_examples=2,
                       annotate=lambda rec: calls.append(rec["feature"]) or f"feature {rec['feature']}")
     assert sum(s["classes"].values()) == s["live_features"]
+    # the printed histogram counts the live features, like diff.json and nrn_hist.png
+    assert s["live_features"] < cc.n_features  # dead features exist here, so the check can fail
+    assert sum(int(line.split()[-1]) for line in s["nrn_text"].splitlines()) == s["live_features"]
     assert (tmp_path / "nrn_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recs = [json.loads(l) for l in (tmp_path / "features.jsonl").read_text().splitlines()]
     assert len(recs) == 6 and len(calls) == 6

@@ -206,6 +206,7 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
         export_features_jsonl(out / "features.jsonl", records, annotate)
         write_json(out / "diff.json", summary)
     summary["records"] = records
+    summary["nrn_text"] = text_histogram(nrn_live)  # the printed histogram: live features, like the JSON and PNG
     return summary
 
 
@@ -238,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(NRN = |{b}| / (|{a}| + |{b}|), L{args.ord})")
         c = s["classes"]
         print(f"classes: shared {c['shared']}, only-{a} {c['only-A']}, only-{b} {c['only-B']}")
-        print(text_histogram(relative_norms(cc, 0, 1, args.ord).nrn))
+        print(s["nrn_text"])
         print(f"wrote {out}/diff.json, nrn_hist.png, features.jsonl ({len(s['records'])} features)")
         return 0
 
