@@ -272,25 +272,18 @@ def _fwd_configs(configs):
         configs, {"ACT": act}, main_index=0 if act == 1 else -1))
 
 
+def _gemm_case(kernel, dtypes, sig, configs) -> AotCase:
+    """The registry entry of one encoder GEMM kernel for a group of dtypes (tensor-core or IEEE)."""
+    return AotCase(
+        kernel=kernel, gemm=True, dtypes=dtypes,
+        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in dtypes),
+        signature=lambda dt: _gemm_sig(dt, sig), constexprs=lambda dt: GEMM_DTYPES[dt][2],
+        configs=configs)
+
+
 AOT_CASES = [
-    AotCase(
-        kernel=_encode_fwd_kernel, gemm=True, dtypes=_TC,
-        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _TC),
-        signature=lambda dt: _gemm_sig(dt, _FWD_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
-        configs=_fwd_configs(GPU_CONFIGS)),
-    AotCase(
-        kernel=_encode_fwd_kernel, gemm=True, dtypes=_IEEE,
-        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _IEEE),
-        signature=lambda dt: _gemm_sig(dt, _FWD_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
-        configs=_fwd_configs(IEEE_GPU_CONFIGS)),
-    AotCase(
-        kernel=_encode_topk_kernel, gemm=True, dtypes=_TC,
-        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _TC),
-        signature=lambda dt: _gemm_sig(dt, _TOPK_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
-        configs=_topk_configs(TOPK_GPU_CONFIGS)),
-    AotCase(
-        kernel=_encode_topk_kernel, gemm=True, dtypes=_IEEE,
-        main_dtypes=tuple(d for d in _MAIN_GEMM_DTYPES if d in _IEEE),
-        signature=lambda dt: _gemm_sig(dt, _TOPK_SIG), constexprs=lambda dt: GEMM_DTYPES[dt][2],
-        configs=_topk_configs(TOPK_IEEE_GPU_CONFIGS)),
+    _gemm_case(_encode_fwd_kernel, _TC, _FWD_SIG, _fwd_configs(GPU_CONFIGS)),
+    _gemm_case(_encode_fwd_kernel, _IEEE, _FWD_SIG, _fwd_configs(IEEE_GPU_CONFIGS)),
+    _gemm_case(_encode_topk_kernel, _TC, _TOPK_SIG, _topk_configs(TOPK_GPU_CONFIGS)),
+    _gemm_case(_encode_topk_kernel, _IEEE, _TOPK_SIG, _topk_configs(TOPK_IEEE_GPU_CONFIGS)),
 ]
