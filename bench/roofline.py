@@ -15,9 +15,11 @@ Which unit ("pipe") an op runs on is read from the kernels, not assumed:
 
     bf16   dense bf16 tensor cores (tl.dot / torch GEMM on bf16 operands)
     tf32   TF32 tensor cores (torch GEMMs on fp32 data with TF32 allowed)
-    fp32   fp32 CUDA cores. fastxc's Triton dots on fp32 operands ask for
-           ``input_precision="ieee"`` (encoder ``_pre_tile``, scatter ``_scatter_rows_kernel``),
-           which is exact fp32 FMA, *not* TF32; elementwise work and Adam also count here.
+    fp32   fp32 CUDA cores. fastxc's encoder GEMM on fp32 operands follows
+           ``torch.get_float32_matmul_precision()``: exact IEEE fp32 FMA under torch's default
+           "highest" (modelled by default), TF32 tensor cores under "high" (``--encoder-tf32``);
+           the scatter's one-hot dot (``_scatter_rows_kernel``) is always IEEE. Elementwise work
+           and Adam also count here.
     int    32-bit integer / compare / select issue of the CUDA cores: Hopper has 64 INT32 lanes
            per SM against 128 FP32 lanes, i.e. FP32_FLOPS / 4 simple integer ops per second
            (FP32_FLOPS counts an FMA as 2). The in-GEMM top-k selection runs here.
@@ -37,11 +39,10 @@ Dtype modes
     bf16   x, working weights, recon and the weight gradients in bf16; the tensor-core GEMMs
            in bf16; fp32 master weights and Adam moments. Adam reads the bf16 gradient and the
            fp32 master/moments and writes the fp32 master/moments plus the bf16 working copy.
-           (fastxc.Crosscoder(dtype=bfloat16) today keeps bf16 parameters and runs Adam on
-           them, without an fp32 master; this mode models the intended mixed-precision setup.)
+           (``fastxc.train --dtype bfloat16`` / ``Crosscoder(compute_dtype=torch.bfloat16)``.)
     tf32   everything fp32; torch GEMMs (the floor, the dense reference) on TF32 tensor cores;
-           fastxc's own Triton GEMM runs fp32 FMA as written (``--encoder-tf32`` models it
-           switched to input_precision="tf32").
+           fastxc's own Triton GEMM runs IEEE fp32 FMA under torch's default precision
+           (``--encoder-tf32`` models it under ``torch.set_float32_matmul_precision("high")``).
 
 The ops of the fastxc step (Triton path: ``topk_encode`` + ``crosscoder_loss`` + backward,
 Adam inside backward by ``fastxc.core.optim.AdamInBackward``) are in ``fastxc_step``; each
@@ -526,8 +527,8 @@ def render(r: Report, show_dense: bool = False) -> str:
                f"{t['adam_over_floor']:.2f} x the floor")
     out.append(f"  with the top-k epilogue fully hidden under the MMA: {t['step_over_floor_epilogue_hidden']:.2f} x")
     if r.mode == "tf32" and not r.encoder_tf32:
-        out.append("  tf32: fastxc's Triton GEMM uses input_precision='ieee' on fp32 (fp32 FMA, not TF32); "
-                   "--encoder-tf32 models the switch")
+        out.append("  tf32: fastxc's Triton GEMM runs IEEE fp32 FMA under torch's default matmul precision; "
+                   "--encoder-tf32 models it under torch.set_float32_matmul_precision('high')")
     sp = t["fastxc_speedup_over_dense"]
     out.append(f"dense plain-torch step: {t['dense_step_us']:,.0f} us = {t['dense_over_floor']:.2f} x the floor "
                f"(fastxc predicted {sp:.2f} x faster)" if sp >= 1 else
