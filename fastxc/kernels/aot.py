@@ -46,7 +46,6 @@ ARCHS = {
 }
 ARCHS["sm_90"] = ARCHS["sm_90a"]  # Triton compiles capability 90 for sm_90a
 SMEM_RESERVED = 1 * KB
-MAX_REGS_THREAD = 255
 _TC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync)\S*", re.MULTILINE)
 
 

@@ -7,7 +7,6 @@ document, so generation stops there. ``<think>`` and ``</think>`` are single spe
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -42,7 +41,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=[THINK_OPEN, THINK_CLOSE],
     )
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
-    tokenizer.save_pretrained(str(path))
