@@ -60,3 +60,35 @@ def poison(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+# ----------------------------------------------------------------------------- GPU cases
+# Kernel and crosscoder tests parametrized with backend="triton" run on CUDA tensors when a GPU
+# is present (the default device is switched for the test), on CPU tensors through the
+# interpreter otherwise; they carry the ``gpu`` marker on a GPU machine (``pytest -m gpu``).
+# Tests marked ``gpu`` by hand are skipped where there is no GPU.
+def _backend_of(item):
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("backend") if callspec is not None else None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if _HAS_GPU and _backend_of(item) == "triton":
+            item.add_marker(pytest.mark.gpu)
+        elif not _HAS_GPU and item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _triton_cases_on_the_gpu(request):
+    """backend="triton" cases build their tensors on the GPU when there is one."""
+    if not (_HAS_GPU and _backend_of(request.node) == "triton"):
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)

@@ -122,3 +122,33 @@ def test_works_without_triton(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "hidden by tests/test_dispatch.py" not in p.stderr
     assert any(out.iterdir())
+
+
+def _fake_cuda_tensor():
+    """A tensor that says it lives on a GPU, on a machine without one (a FakeTensor: shape,
+    dtype and device only), enough for the per-call backend choice."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(2, 3, device="cuda")
+
+
+def test_triton_on_cuda_never_falls_back_silently(monkeypatch):
+    """#13: backend="triton" (argument or FASTXC_BACKEND) on CUDA tensors raises when triton
+    cannot run them; unasked, CUDA tensors without triton take the reference with a warning."""
+    x = _fake_cuda_tensor()
+    monkeypatch.delenv("FASTXC_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_triton_importable", lambda: True)
+    assert _dispatch.choose(x) == "triton" and _dispatch.choose(x, backend="triton") == "triton"
+    monkeypatch.setattr(_dispatch, "_triton_importable", lambda: False)
+    with pytest.raises(K.BackendError, match="triton >= 3.4"):
+        _dispatch.choose(x, backend="triton")
+    monkeypatch.setenv("FASTXC_BACKEND", "triton")
+    with pytest.raises(K.BackendError, match="not importable"):
+        _dispatch.choose(x)
+    monkeypatch.delenv("FASTXC_BACKEND")
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="reference"):
+        assert _dispatch.choose(x) == "reference"
+    with pytest.raises(K.BackendError, match="cannot run CUDA"):
+        _dispatch.choose(x, backend="cpu")

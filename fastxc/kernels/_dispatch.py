@@ -3,6 +3,8 @@
 Rule (evaluated on every call, never at import):
   * ``FASTXC_BACKEND=reference|triton|cpu`` forces one;
   * otherwise CUDA tensors take ``triton`` and CPU tensors take ``cpu``;
+  * ``triton`` asked for on CUDA tensors raises when triton cannot run them (never a silent
+    fallback); unasked, CUDA tensors without triton take ``reference`` with a warning;
   * float64 tensors always take ``reference`` (the kernels compute in fp32);
   * ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (how the tests check the kernels
     on machines without a GPU); without it the ``cpu`` path is taken and a warning says so once.
@@ -77,6 +79,9 @@ def choose(*tensors: torch.Tensor, backend: str | None = None) -> str:
             raise BackendError("FASTXC_BACKEND=cpu cannot run CUDA tensors; move them to the CPU")
         if _triton_importable():
             return "triton"
+        if want == "triton":  # asked for by name: never a silent fallback on a GPU
+            raise BackendError("backend 'triton' on CUDA tensors needs triton >= "
+                               f"{'.'.join(map(str, TRITON_MIN))}, which is not importable here")
         _warn_once("cuda-no-triton", "fastxc.kernels: triton >= 3.4 is not importable; CUDA tensors "
                    "take the plain-torch reference path")
         return "reference"
