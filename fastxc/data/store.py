@@ -12,7 +12,7 @@ Layout of a store directory::
 
 Every file is written to a temporary name, fsync'ed and renamed, so a file under its final name
 is always complete; the manifest records each file's size and sha256, sizes are checked on open
-and checksums on demand (``reader.validate(checksums=True)``).
+and checksums on demand (``reader.validate(checksums=True)``, ``verify_checksums(path)``).
 
 Activations are stored raw (as the model produced them). The manifest keeps one normalisation
 multiplier per source, ``scale_i = sqrt(d_i) / E||x_i||`` (mean over the stored rows), and the
@@ -35,6 +35,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -152,7 +153,8 @@ def atomic_write_json(path: Path, obj: Any) -> dict:
     return atomic_write_bytes(path, [text.encode()])
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 24, on_chunk=None) -> str:
+    """sha256 of a file read in ``chunk``-byte pieces; ``on_chunk(n)`` is called after each."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -160,6 +162,8 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
             if not b:
                 break
             h.update(b)
+            if on_chunk is not None:
+                on_chunk(len(b))
     return h.hexdigest()
 
 
@@ -577,9 +581,12 @@ class StoreReader:
             return rows * self.n_sources * 4
         return rows * np.dtype(META_FILES[kind]).itemsize
 
-    def validate(self, checksums: bool = False) -> None:
+    def validate(self, checksums: bool = False, progress: bool = False) -> int:
         """Check every shard file exists with the size the manifest gives (and, with
-        ``checksums=True``, its sha256). Raises StoreError naming the first bad file."""
+        ``checksums=True``, its sha256; ``progress``: a tqdm bar over the bytes hashed, on
+        stderr). Raises StoreError naming the first bad file and its shard; returns the number
+        of files whose checksum was verified (0 without ``checksums``)."""
+        to_hash = []  # sizes first (cheap), then the checksums of every file
         for k, rec in enumerate(self.manifest["shards"]):
             files = rec.get("files", {})
             if "acts" not in files:
@@ -597,8 +604,11 @@ class StoreReader:
                 if size != want or size != int(f["bytes"]):
                     raise StoreError(f"shard file {p} has {size} bytes, the manifest expects {f['bytes']} "
                                      f"({rec['rows']} rows): truncated or corrupted")
-                if checksums and f.get("sha256") and sha256_file(p) != f["sha256"]:
-                    raise StoreError(f"checksum mismatch in {p}: the file is corrupted")
+                if checksums and f.get("sha256"):
+                    to_hash.append((k, p, f["sha256"], size))
+        if to_hash:
+            _check_sha256(to_hash, progress)
+        return len(to_hash)
 
     def _map_shard(self, rec: dict) -> _Shard:
         rows = int(rec["rows"])
@@ -660,6 +670,27 @@ class StoreReader:
 def open_store(path: str | os.PathLike) -> StoreReader:
     """Open a store directory for reading (validates version and shard sizes)."""
     return StoreReader(path)
+
+
+def verify_checksums(path: str | os.PathLike | StoreReader, progress: bool = True) -> int:
+    """Open the store at ``path`` (manifest, version, shard sizes) and check every shard file's
+    sha256 against the manifest, with a tqdm progress bar over the bytes on stderr when
+    ``progress``. Returns the number of files verified; raises StoreError (StoreNotFoundError
+    for a missing path or file) naming the first bad file and its shard."""
+    reader = path if isinstance(path, StoreReader) else StoreReader(path)
+    return reader.validate(checksums=True, progress=progress)
+
+
+def _check_sha256(files: Sequence[tuple[int, Path, str, int]], progress: bool) -> None:
+    """files: (shard index, path, expected sha256, bytes); StoreError at the first mismatch."""
+    from tqdm.auto import tqdm
+
+    total = sum(f[3] for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checksums",
+              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for k, p, want, _ in files:
+            if sha256_file(p, on_chunk=bar.update) != want:
+                raise StoreError(f"checksum mismatch in {p} (shard {k}): the file is corrupted")
 
 
 _LIVE_ITERATORS: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
