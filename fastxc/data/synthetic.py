@@ -112,3 +112,25 @@ def best_match(W_dec: Tensor, truth: PlantedTruth) -> Tensor:
     learned = torch.nn.functional.normalize(W_dec.detach().float(), dim=1)
     planted = torch.nn.functional.normalize(truth.directions.float(), dim=1)
     return (planted @ learned.t()).argmax(dim=1)
+
+
+def recovery_report(model, truth: PlantedTruth) -> dict:
+    """How well ``model`` (a Crosscoder) recovered the planted features -> summary fields:
+
+    - ``planted_mmcs``: mean over planted features of the max cosine similarity with any
+      learned decoder direction (MMCS; 1: every feature found exactly);
+    - with two sources, ``planted_right_class``: the fraction of planted features whose closest
+      learned feature falls in the planted kind's NRN class (shared / only-A / only-B,
+      ``fastxc.core.norms.classify``), and ``planted_right_class_by_kind`` per class.
+    """
+    from fastxc.core.norms import CLASS_NAMES, classify, relative_norms
+
+    out: dict = {"planted_mmcs": float(recovery(model.W_dec, truth).mean())}
+    if model.n_sources == 2:
+        got = classify(relative_norms(model, 0, 1).nrn[best_match(model.W_dec, truth)])
+        want = torch.where(truth.kind == SHARED, 0, truth.kind + 1)
+        right = got == want
+        out["planted_right_class"] = float(right.float().mean())
+        out["planted_right_class_by_kind"] = {name: float(right[want == c].float().mean())
+                                              for c, name in enumerate(CLASS_NAMES) if (want == c).any()}
+    return out

@@ -10,10 +10,14 @@ size; ``load_full_model(checkpoint)`` assembles the whole Crosscoder in one proc
 
 Every writer builds ``checkpoint.tmp/`` beside and swaps it in (checkpoint -> checkpoint.old,
 checkpoint.tmp -> checkpoint, drop checkpoint.old), so at every instant one complete
-checkpoint exists; ``find_checkpoint`` also accepts ``checkpoint.old``.
+checkpoint exists; ``find_checkpoint`` also accepts ``checkpoint.old``. A write that fails
+(a full disk) removes ``checkpoint.tmp/`` and raises a one-line TrainError naming the intact
+checkpoint to resume from. Every file gets the mode the umask asks for (0644 under umask 022):
+safetensors writes through a private temporary file, which leaves it 0600.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -43,6 +47,63 @@ ROW_TENSORS = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")
 
 
 # ---------------------------------------------------------------------------- writing
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (a file, or every file below a directory) mode 0666 minus the umask, as
+    ``open()`` would have: safetensors creates its files 0600."""
+    mode = 0o666 & ~_umask()
+    path = Path(path)
+    for p in [path] if path.is_file() else path.rglob("*"):
+        if p.is_file():
+            os.chmod(p, mode)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError for a full disk or quota, or safetensors' wrapping of one (SafetensorError
+    'I/O error: No space left on device (os error 28)')."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def write_error(e: BaseException, what: str, out: Path) -> TrainError:
+    """The one-line TrainError for a failed write of ``what``, naming the checkpoint to resume from."""
+    ckpt = find_checkpoint(out)
+    if ckpt is not None:
+        try:
+            kept = f"the checkpoint of step {json.loads((ckpt / 'state.json').read_text())['step']} in {ckpt} is intact"
+        except (OSError, ValueError, KeyError):
+            kept = f"the checkpoint in {ckpt} is intact"
+        hint = f"{kept}: free space and rerun with --resume"
+    else:
+        hint = "no checkpoint was written yet: free space and run again"
+    if is_disk_full(e):
+        return TrainError(f"disk full while writing {what}; {hint}")
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return TrainError(f"cannot write {what} ({reason}); {hint}")
+
+
+def _write_failure(e: BaseException) -> bool:
+    """A failure of the disk under a write (not a bug of ours): OSError or safetensors' error."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -71,16 +132,41 @@ def save_checkpoint(out: Path, model: Crosscoder, opt: torch.optim.Optimizer, st
 
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp / "model")
-    sd = opt.state_dict()
-    tensors = {f"state.{pid}.{name}": v.detach().contiguous().cpu() for pid, st in sd["state"].items() for name, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    _write_state(tmp, opt, state)
-    for p in tmp.rglob("*"):
-        if p.is_file():
-            _fsync(p)
+    try:
+        model.save(tmp / "model")
+        sd = opt.state_dict()
+        tensors = {f"state.{pid}.{name}": v.detach().contiguous().cpu() for pid, st in sd["state"].items() for name, v in st.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _write_state(tmp, opt, state)
+        apply_umask(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                _fsync(p)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space; the previous checkpoint is untouched
+        if _write_failure(e):
+            raise write_error(e, f"the checkpoint of step {state['step']} in {out}", out) from e
+        raise
     _swap_in(out)
+
+
+def save_model(out: Path, model: Crosscoder) -> Path:
+    """``out/crosscoder`` (Crosscoder.save), built in ``crosscoder.tmp/`` and renamed into place,
+    so a failed write leaves no half-written model."""
+    tmp, final = out / "crosscoder.tmp", out / "crosscoder"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save(tmp)
+        apply_umask(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failure(e):
+            raise write_error(e, f"the trained model in {final}", out) from e
+        raise
+    shutil.rmtree(final, ignore_errors=True)  # a resumed finished run writes it again
+    os.replace(tmp, final)
+    return final
 
 
 @torch.no_grad()
@@ -129,16 +215,28 @@ def save_sharded_checkpoint(out: Path, model: FeatureParallelCrosscoder, opt: to
         tmp.mkdir(parents=True)
     barrier(ctx)
     path = tmp / f"rank{ctx.rank}.safetensors"
-    save_file(_shard_tensors(model, opt), str(path))
-    _fsync(path)
+    try:
+        save_file(_shard_tensors(model, opt), str(path))
+        apply_umask(path)
+        _fsync(path)
+    except Exception as e:
+        # This rank stops; the others fail at the next collective. The previous checkpoint is
+        # untouched (checkpoint.tmp is only swapped in once every rank has written).
+        if _write_failure(e):
+            raise write_error(e, f"the checkpoint of step {state['step']} in {out}", out) from e
+        raise
     barrier(ctx)
     if ctx.is_main:
         manifest = {"format": SHARDED_FORMAT, "version": SHARDED_VERSION, "world_size": ctx.world_size,
                     "slices": feature_slices(model.n_features, ctx.world_size), "config": model.config()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _write_state(tmp, opt, state)
-        for p in (tmp / "manifest.json", tmp / "state.json"):
-            _fsync(p)
+        try:
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            _write_state(tmp, opt, state)
+            for p in (tmp / "manifest.json", tmp / "state.json"):
+                _fsync(p)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(e, f"the checkpoint of step {state['step']} in {out}", out) from e
         _swap_in(out)
     barrier(ctx)
     return out / "checkpoint"

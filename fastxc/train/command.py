@@ -13,7 +13,8 @@ from fastxc.train.config import TrainError, parse_config
 from fastxc.train.loop import TrainResult, train
 
 
-def print_summary(result: TrainResult, file=sys.stdout) -> None:
+def print_summary(result: TrainResult, file=None) -> None:
+    file = file or sys.stdout  # looked up now, not at import (a redirected or captured stdout)
     s = result.summary
     names = s["source_names"]
     print(f"\nOutputs in {result.out}/: crosscoder/ (Crosscoder.load), metrics.jsonl, summary.json, checkpoint/", file=file)
@@ -25,6 +26,12 @@ def print_summary(result: TrainResult, file=sys.stdout) -> None:
         print(s["_nrn_text"], file=file)
         c = s["classes"]
         print(f"classes: shared {c['shared']}, only-{a} {c['only-A']}, only-{b} {c['only-B']}", file=file)
+    if "planted_mmcs" in s:  # the synthetic source: recovery of the planted features
+        line = f"planted features: MMCS {s['planted_mmcs']:.3f} (mean max cosine with a learned decoder direction)"
+        if "planted_right_class" in s:
+            by = ", ".join(f"{k} {v:.0%}" for k, v in s["planted_right_class_by_kind"].items())
+            line += f", {s['planted_right_class']:.1%} in the right NRN class ({by})"
+        print(line, file=file)
 
 
 def main(argv: Sequence[str] | None = None, default_store: Callable[[bool], str] | None = None,

@@ -19,6 +19,9 @@ from fastxc.core.crosscoder import ACTIVATIONS, COMPUTE_DTYPES
 from fastxc.train.parallel import PARALLEL_MODES
 
 
+LOG_BACKENDS = ("tensorboard", "wandb")
+
+
 class TrainError(RuntimeError):
     """A training run that cannot go on (bad config, bad data, diverged); one-line message."""
 
@@ -55,12 +58,16 @@ class TrainConfig:
     warmup_frac: float = _doc("fraction of steps of linear LR warm-up", default=0.02)
     decay_frac: float = _doc("final fraction of steps of linear LR decay to 0", default=0.2)
     seed: int = _doc("seed for init and data order", default=0)
-    max_bad_batches: int = _doc("stop after this many consecutive batches with NaN/Inf", default=10)
+    max_bad_batches: int = _doc("stop after this many consecutive bad batches: input holding NaN/Inf, or a diverged "
+                                "loss (non-finite, or FVU 100x above the untrained model's)", default=10)
     # runtime and outputs
     out: str | None = _doc("output directory (default: a new runs/<date-time>/ folder)", default=None)
-    resume: bool = _doc("continue from the checkpoint in --out", default=False)
+    resume: bool = _doc("continue from the checkpoint in --out (an error when there is none)", default=False)
+    resume_if_exists: bool = _doc("continue from the checkpoint in --out when there is one, else start fresh", default=False)
     overwrite: bool = _doc("replace an existing run in --out instead of refusing", default=False)
     log_every: int = _doc("steps between metric lines", default=100)
+    log: str = _doc("also log the metrics to 'tensorboard' (--out/tensorboard/), 'wandb', or both "
+                    "('tensorboard,wandb'); 'none': metrics.jsonl only", default="none")
     checkpoint_every: int = _doc("steps between checkpoints (0: only at the end)", default=500)
     eval_batches: int = _doc("batches in the final evaluation", default=8)
     device: str = _doc("torch device: auto (CUDA when available, else cpu), cpu, cuda, cuda:N", default="auto")
@@ -68,6 +75,7 @@ class TrainConfig:
                       "fp32 master weights, Adam state and loss)", default="float32")
     parallel: str = _doc("under torchrun: 'data' (ranks split each batch's rows) or 'features' (ranks split the dictionary); 'none': one process", default="none")
     progress: bool = _doc("show a progress bar", default=True)
+    verify_store: bool = _doc("check every store shard's sha256 before training (reads the whole store)", default=False)
     # synthetic source
     synthetic_shared: int = _doc("synthetic: planted shared features", default=32)
     synthetic_unique: int = _doc("synthetic: planted features unique to each source", default=32)
@@ -101,13 +109,25 @@ class TrainConfig:
             raise TrainError(f"--source must be 'synthetic' (or omitted), got {self.source!r}")
         if self.store and self.source == "synthetic":
             raise TrainError("give either --store or --source synthetic, not both")
-        if self.resume and self.overwrite:
-            raise TrainError("--resume and --overwrite contradict each other")
+        if (self.resume or self.resume_if_exists) and self.overwrite:
+            flag = "--resume" if self.resume else "--resume-if-exists"
+            raise TrainError(f"{flag} and --overwrite contradict each other")
+        if self.verify_store and self.source == "synthetic":
+            raise TrainError("--verify-store checks a --store; the synthetic source has none")
+        self.log_backends()
         if self.dtype not in COMPUTE_DTYPES:
             raise TrainError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.parallel not in PARALLEL_MODES:
             raise TrainError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         self.parsed_widths()
+
+    def log_backends(self) -> list[str]:
+        """The --log backends, e.g. ['tensorboard', 'wandb'] ([] for 'none')."""
+        names = [v for v in str(self.log).replace(" ", "").split(",") if v and v != "none"]
+        bad = [v for v in names if v not in LOG_BACKENDS]
+        if bad:
+            raise TrainError(f"--log must be none, {', '.join(LOG_BACKENDS)} or a comma-separated list of them, got {self.log!r}")
+        return list(dict.fromkeys(names))
 
     def parsed_widths(self) -> list[int] | None:
         if self.widths is None:

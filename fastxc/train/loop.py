@@ -5,7 +5,9 @@ Outputs in ``cfg.out``:
     crosscoder/        the trained model (Crosscoder.load)
     checkpoint/        the latest checkpoint (model, optimizer, trainer state; --resume)
     metrics.jsonl      one JSON line every --log-every steps
-    summary.json       the final evaluation (per-source FVU, L0, NRN classes)
+    summary.json       the final evaluation (per-source FVU, L0, NRN classes; synthetic: recovery
+                       of the planted features)
+    tensorboard/       --log tensorboard: the same metrics and the NRN histogram
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -28,7 +31,7 @@ from fastxc.core.crosscoder import Crosscoder
 from fastxc.core.device import resolve_device
 from fastxc.core.norms import CLASS_NAMES, classify, relative_norms, text_histogram
 from fastxc.core.optim import AdamInBackward
-from fastxc.train import checkpoint, parallel
+from fastxc.train import checkpoint, loggers, parallel
 from fastxc.train.config import TrainConfig, TrainError
 from fastxc.train.data_parallel import DataParallelCrosscoder
 from fastxc.train.feature_parallel import FeatureParallelCrosscoder
@@ -44,6 +47,7 @@ class DataSource(NamedTuple):
     scales: Any  # [n_sources] normalisation multipliers applied to the data (None: 1)
     description: str
     source_names: list[str] | None
+    truth: Any = None  # synthetic: the planted features (fastxc.data.synthetic.PlantedTruth)
 
 
 def open_data(cfg: TrainConfig) -> DataSource:
@@ -56,6 +60,8 @@ def open_data(cfg: TrainConfig) -> DataSource:
         reader = open_store(store_path)
         if len(reader) == 0:
             raise TrainError(f"store {store_path} is empty")
+        if cfg.verify_store:
+            verify_store(reader, cfg.progress)
         widths = list(reader.widths)
         if want is not None and want != widths:
             raise TrainError(f"--widths {want} do not match the store's widths {widths} ({store_path})")
@@ -66,7 +72,20 @@ def open_data(cfg: TrainConfig) -> DataSource:
     widths = want or [64, 64]
     src = PlantedSource(widths, n_shared=cfg.synthetic_shared, n_unique=cfg.synthetic_unique, noise=cfg.synthetic_noise, seed=cfg.seed)
     names = ["A", "B"] if len(widths) == 2 else None
-    return DataSource(widths, src.batches, None, f"synthetic planted source (widths {widths}, seed {cfg.seed})", names)
+    return DataSource(widths, src.batches, None, f"synthetic planted source (widths {widths}, seed {cfg.seed})", names, src.truth)
+
+
+def verify_store(reader, progress: bool) -> None:
+    """--verify-store: every shard file's sha256 against the manifest's (a progress bar over the
+    bytes), before anything is written; TrainError naming the first corrupt file and its shard."""
+    from fastxc.data.store import StoreError, verify_checksums
+
+    try:
+        n = verify_checksums(reader, progress=progress)
+    except StoreError as e:
+        raise TrainError(f"--verify-store: {e}") from None
+    if n == 0:
+        raise TrainError(f"--verify-store: the manifest of {reader.path} records no checksums")
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -103,9 +122,12 @@ class _Run:
     out: Path
     model: nn.Module  # the module this rank trains (see ``wrap``)
     opt: AdamInBackward
+    backends: loggers.MetricLoggers | None = None  # --log backends (rank 0)
     step: int = 0
-    skipped: int = 0  # non-finite batches skipped in all
+    skipped: int = 0  # batches skipped in all (NaN/Inf input, or a non-finite loss)
     bad_run: int = 0  # consecutive non-finite batches just before this step
+    first_fvu: float | None = None  # the worst source FVU of the untrained model (step 0): divergence's yardstick
+    diverged: int = 0  # consecutive diverged batches just before this step (never in a checkpoint)
 
     @property
     def is_main(self) -> bool:
@@ -113,7 +135,8 @@ class _Run:
 
     def state(self) -> dict:
         """The trainer state a checkpoint keeps (state.json)."""
-        return {"step": self.step, "skipped": self.skipped, "bad_run": self.bad_run, "config": dataclasses.asdict(self.cfg)}
+        return {"step": self.step, "skipped": self.skipped, "bad_run": self.bad_run, "first_fvu": self.first_fvu,
+                "config": dataclasses.asdict(self.cfg)}
 
 
 def _prepare_out(cfg: TrainConfig) -> Path:
@@ -125,11 +148,14 @@ def _prepare_out(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} exists and is not a directory")
-    has_run = out.is_dir() and (checkpoint.find_checkpoint(out) is not None or (out / "crosscoder").exists())
-    if has_run and not (cfg.resume or cfg.overwrite):
+    has_ckpt = out.is_dir() and checkpoint.find_checkpoint(out) is not None
+    has_run = has_ckpt or (out / "crosscoder").exists()
+    if cfg.resume and not has_ckpt and not cfg.resume_if_exists:
+        raise TrainError(f"--resume: no checkpoint in {out} to continue (--resume-if-exists starts fresh when there is none)")
+    if has_run and not ((has_ckpt and (cfg.resume or cfg.resume_if_exists)) or cfg.overwrite):
         raise TrainError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
     if has_run and cfg.overwrite:
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "crosscoder"):
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "crosscoder", "crosscoder.tmp", "tensorboard"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("metrics.jsonl", "summary.json"):
             (out / name).unlink(missing_ok=True)
@@ -183,6 +209,7 @@ def _start(cfg: TrainConfig) -> _Run:
     ctx = parallel.setup(cfg.parallel, device)
     if ctx is not None:
         device = ctx.device
+    loggers.check_available(cfg)
     data = open_data(cfg)
     out = parallel.from_main(lambda: _prepare_out(cfg), ctx)
     torch.manual_seed(cfg.seed)
@@ -194,15 +221,15 @@ def _restore(run: _Run) -> None:
     """--resume: load the run folder's checkpoint (either format) and drop the metric lines
     after it; otherwise start metrics.jsonl afresh."""
     metrics = run.out / "metrics.jsonl"
-    ckpt = checkpoint.find_checkpoint(run.out) if run.cfg.resume else None
+    # (_prepare_out refused --resume without a checkpoint, unless --resume-if-exists)
+    ckpt = checkpoint.find_checkpoint(run.out) if run.cfg.resume or run.cfg.resume_if_exists else None
     if ckpt is None:
-        if run.cfg.resume:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", run.out)
         if run.is_main:
             metrics.unlink(missing_ok=True)
         return
     meta = checkpoint.load_checkpoint(ckpt, run.model, run.opt)
     run.step, run.skipped, run.bad_run = meta["step"], meta["skipped"], meta["bad_run"]
+    run.first_fvu = meta.get("first_fvu")
     if run.is_main:
         _truncate_metrics(metrics, run.step)
     log.info("resumed from %s at step %d", ckpt, run.step)
@@ -212,7 +239,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:  # a line torn by a full disk or a kill mid-write
+            continue
+        if rec["step"] <= step:
+            keep.append(ln)
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -230,8 +264,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     _restore(run)
     print(f"fastxc: training a {cfg.activation} crosscoder, widths {run.data.widths}, F={cfg.n_features}"
           + (f", k={cfg.k}" if cfg.activation != "relu" else "") + f" on {run.data.description}", file=sys.stderr)
-    _run_steps(run)
-    return _finish(run)
+    names = run.data.source_names or [str(i) for i in range(len(run.data.widths))]
+    run.backends = loggers.MetricLoggers(cfg, run.out, run.step, names) if run.is_main else None
+    try:
+        _run_steps(run)
+        return _finish(run)
+    except OSError as e:  # metrics.jsonl, summary.json (checkpoints and the model raise TrainError themselves)
+        if checkpoint.is_disk_full(e):
+            raise checkpoint.write_error(e, f"the run's files in {run.out}", run.out) from e
+        raise
+    finally:
+        if run.backends is not None:
+            run.backends.close()
 
 
 @contextlib.contextmanager
@@ -250,8 +294,9 @@ def _run_steps(run: _Run) -> None:
     run.model.train()
     bar = _progress(cfg, run.step) if run.is_main else _NoBar()
     # the in-backward optimizer's hooks come off the model when the loop ends, however it ends
-    with open(run.out / "metrics.jsonl" if run.is_main else os.devnull, "a") as file, _hooks_removed(run.opt):
-        metrics = _MetricsLog(file, bar, cfg, run.is_main)
+    with open(run.out / "metrics.jsonl" if run.is_main else os.devnull, "a") as file, _hooks_removed(run.opt), \
+            contextlib.closing(bar):
+        metrics = _MetricsLog(file, bar, cfg, run.is_main, run.backends)
         while run.step < cfg.steps:
             x = _to_device(next(batches), run.device)
             if not torch.isfinite(x).all():
@@ -261,13 +306,14 @@ def _run_steps(run: _Run) -> None:
             run.bad_run = 0
             lr, l1, res = _train_step(run, x)
             run.step += 1
-            metrics.add(res)
+            if res is not None:
+                metrics.add(res)
             bar.update(1)
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 metrics.write(run, lr, l1)
-            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
+            # no checkpoint of a diverged model: the last good one stays for --resume
+            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps and not run.diverged:
                 checkpoint.save(run.out, run.model, run.opt, run.ctx, run.state())
-    bar.close()
 
 
 def _skip_batch(run: _Run) -> None:
@@ -281,19 +327,51 @@ def _skip_batch(run: _Run) -> None:
     run.step += 1
 
 
+# A batch whose worst source FVU exceeds this many times the untrained model's (about 1:
+# predicting zero) has diverged: its reconstruction error is orders of magnitude above the data's
+# variance, which no model that is learning produces (lr 1e6 reaches FVU 1e28 within one step).
+DIVERGED_FVU_FACTOR = 100.0
+
+
 def _train_step(run: _Run, x: torch.Tensor):
-    """One optimizer step on batch x at the schedules' values -> (lr, l1 coefficient, output)."""
+    """One optimizer step on batch x at the schedules' values -> (lr, l1 coefficient, output);
+    the output is None when the loss was non-finite and the step was skipped."""
     lr = lr_at(run.cfg, run.step)
     for group in run.opt.param_groups:
         group["lr"] = lr
     l1 = l1_at(run.cfg, run.step)
     res = run.model(x, l1_coef=l1)
-    if not torch.isfinite(res.loss):
-        raise TrainError(f"loss became {res.loss.item()} at step {run.step}; try a lower --lr")
+    loss, fvu = torch.stack([res.loss.detach().float(), res.fvu.detach().float().max()]).tolist()  # one sync
+    finite = math.isfinite(loss) and math.isfinite(fvu)
+    if run.first_fvu is None and finite:
+        run.first_fvu = fvu
+    _check_divergence(run, finite, loss, fvu)
+    if not finite:  # no update: a non-finite gradient would poison Adam's state
+        run.skipped += 1
+        return lr, l1, None
     run.opt.zero_grad(set_to_none=True)
     res.loss.backward()
     run.opt.step()
     return lr, l1, res
+
+
+def _check_divergence(run: _Run, finite: bool, loss: float, fvu: float) -> None:
+    """Count diverged batches (a non-finite loss, or FVU DIVERGED_FVU_FACTOR x the untrained
+    model's): a ``warning:`` line at the first of a run of them, TrainError at --max-bad-batches."""
+    start = max(1.0, run.first_fvu or 1.0)
+    if finite and fvu <= DIVERGED_FVU_FACTOR * start:
+        run.diverged = 0
+        return
+    run.diverged += 1
+    what = f"loss {loss:.3g}" if not finite else f"FVU {fvu:.3g}, over {DIVERGED_FVU_FACTOR:g}x the untrained model's {start:.3g}"
+    if run.diverged == 1 and run.is_main:
+        print(f"warning: training diverged at step {run.step} ({what}); try a lower --lr "
+              f"(stopping after {run.cfg.max_bad_batches} such batches in a row, --max-bad-batches)", file=sys.stderr)
+    if run.diverged >= run.cfg.max_bad_batches:
+        ckpt = checkpoint.find_checkpoint(run.out)
+        kept = f"the last good checkpoint is {ckpt}" if ckpt is not None else "no checkpoint was written"
+        raise TrainError(f"training diverged: {run.diverged} batches in a row up to step {run.step} ({what}); "
+                         f"{kept}; try a lower --lr")
 
 
 def _finish(run: _Run) -> TrainResult:
@@ -302,20 +380,33 @@ def _finish(run: _Run) -> TrainResult:
     model = checkpoint.full_model(run.model, run.ctx, run.out / "checkpoint")  # None on ranks other than 0
     summary: dict = {}
     if model is not None:
-        model.save(run.out / "crosscoder")
+        checkpoint.save_model(run.out, model)
         summary = evaluate(model, run.data, run.cfg)
         summary.update(steps=run.step, skipped_batches=run.skipped)
-        (run.out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=2))
+        _write_json(run.out / "summary.json", {k: v for k, v in summary.items() if not k.startswith("_")})
+        if run.backends is not None and "_nrn" in summary:
+            run.backends.histogram("nrn", summary["_nrn"], run.step)
     parallel.shutdown(run.ctx)
     return TrainResult(model, run.out, summary)
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    """``path`` replaced whole (temporary file and rename): never a half-written JSON."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------- metrics
 class _MetricsLog:
-    """The step outputs since the last metrics line, written as one JSON line of their means."""
+    """The step outputs since the last metrics line, written as one JSON line of their means
+    (and sent to the --log backends)."""
 
-    def __init__(self, file: TextIO, bar, cfg: TrainConfig, is_main: bool):
-        self.file, self.bar, self.cfg, self.is_main = file, bar, cfg, is_main
+    def __init__(self, file: TextIO, bar, cfg: TrainConfig, is_main: bool, backends: loggers.MetricLoggers | None = None):
+        self.file, self.bar, self.cfg, self.is_main, self.backends = file, bar, cfg, is_main, backends
         self.window: list[dict] = []
         self.t_last, self.tokens = time.perf_counter(), 0
 
@@ -330,6 +421,8 @@ class _MetricsLog:
                    dead=int(run.model.dead_mask().sum()))
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
+        if self.backends is not None:
+            self.backends.log(rec)
         self.bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu="/".join(f"{v:.3f}" for v in rec["fvu"]), l0=f"{rec['l0']:.1f}")
         if not self.cfg.progress and self.is_main:
             print(_format_metrics(rec), file=sys.stderr)
@@ -412,4 +505,9 @@ def evaluate(model: Crosscoder, data: DataSource, cfg: TrainConfig) -> dict:
         summary["nrn_mean"] = float(nrn.nanmean()) if nrn.numel() else float("nan")
         summary["nrn_histogram"] = torch.histc(nrn[~torch.isnan(nrn)], bins=10, min=0, max=1).int().tolist()
         summary["_nrn_text"] = text_histogram(nrn)
+        summary["_nrn"] = nrn.tolist()
+    if data.truth is not None:
+        from fastxc.data.synthetic import recovery_report
+
+        summary.update(recovery_report(model, data.truth))
     return summary
