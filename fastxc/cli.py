@@ -4,6 +4,7 @@
     fastxc harvest [flags]      write an activation store from Hugging Face models
     fastxc organism [flags]     build (or reuse) the model organism
     fastxc diff | reasoning | ablate | steer | geometry | eval | report [flags]
+    fastxc export | store [flags]   interop formats; the activation store's info and validate
 
 ``python -m fastxc <subcommand>`` is the same command; ``python -m fastxc.train`` is the
 training subcommand. This module is the top layer: it may import every layer below it, and the
@@ -28,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "geometry": ("fastxc.analysis.geometry", "word-pair geometry of both models' residuals"),
     "eval": ("fastxc.analysis.evaluate", "spliced-in loss recovered, FVU and L0"),
     "report": ("fastxc.analysis.report", "one HTML page from the analyses' outputs"),
+    "export": ("fastxc.export.__main__", "a crosscoder to SAELens / dictionary_learning, or back"),
+    "store": ("fastxc.store.__main__", "an activation store's metadata (info) or integrity (validate)"),
 }
 
 

@@ -234,6 +234,7 @@ def test_eval_cli_writes_json_and_rejects_mismatch(world, tmp_path, capsys):
     assert rc == 2 and "do not match the store" in err
     rc = main(["--crosscoder", str(good), "--store", str(world["store"]), "--layer", "7"])
     assert rc == 2 and "layer" in capsys.readouterr().err
+    (tmp_path / "x.txt").write_text("one two three\n")  # input files are checked first (#16)
     rc = main(["--crosscoder", str(good), "--model-a", world["paths"][0], "--model-b", world["paths"][1],
-               "--layer", "7", "--data", "x.txt"])
+               "--layer", "7", "--data", str(tmp_path / "x.txt")])
     assert rc == 2 and "out of range" in capsys.readouterr().err

@@ -301,15 +301,17 @@ def test_outlier_positions_dropped_and_counted(tmp_path, zoo):
     ds = write_jsonl(tmp_path / "small.jsonl", WORDS_A, 15, seed=3)
     # tokens beyond the dataset: every position of every document is processed
     out = harvest([str(tmp_path / "llama_a"), str(tmp_path / "llama_b")], tmp_path / "s", [str(ds)],
-                  tokens=10**6, layer=1, context_length=16, batch_size=4, progress=False)
+                  tokens=10**6, layer=1, context_length=16, batch_size=4, progress=False, allow_short=True)
     r = open_store(out)
+    assert r.manifest["short"]["requested_tokens"] == 10**6 and r.manifest["short"]["harvested_tokens"] == len(r)
     n_cat = sum(tok(json.loads(l)["text"], add_special_tokens=False)["input_ids"].count(cat) for l in open(ds))
     n_all = sum(len(tok(json.loads(l)["text"], add_special_tokens=False)["input_ids"]) for l in open(ds))
     assert n_cat >= 5
     assert r.manifest["dropped_outliers"] == n_cat and len(r) == n_all - n_cat
     assert cat not in set(r.tokens.tolist())
     out0 = harvest([str(tmp_path / "llama_a"), str(tmp_path / "llama_b")], tmp_path / "s0", [str(ds)],
-                   tokens=10**6, layer=1, context_length=16, batch_size=4, progress=False, outlier_factor=0)
+                   tokens=10**6, layer=1, context_length=16, batch_size=4, progress=False, outlier_factor=0,
+                   allow_short=True)
     r0 = open_store(out0)
     assert r0.manifest["dropped_outliers"] == 0 and len(r0) == n_all
 

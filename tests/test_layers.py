@@ -19,6 +19,10 @@ ALLOWED = {
     "data": {"core", "kernels", "_C"},
     "train": {"data", "core", "kernels", "_C"},
     "analysis": {"data", "core", "kernels", "_C"},
+    "interop": {"data", "core", "kernels", "_C"},
+    # command-line packages: a docstring __init__ and the ``python -m`` entry (__main__.py, top)
+    "export": set(),
+    "store": set(),
     "organism": {"train", "analysis", "data", "core", "kernels", "_C"},
 }
 # the top: the command line (fastxc/cli.py and every ``python -m`` entry, __main__.py) and the

@@ -17,6 +17,7 @@ CLI: ``python -m fastxc.analysis.ablate --crosscoder DIR --store DIR --category 
 """
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -196,8 +197,9 @@ def plot_ablation(results: Sequence[dict], path: Path) -> Path:
     return savefig(fig, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli, write_json
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc ablate``."""
+    from fastxc.analysis.inputs import parser
 
     p = parser("fastxc ablate", "Zero-ablate reasoning features and report the marker-logit change (seed Fig. 2).",
                store_required=True)
@@ -210,9 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--positions", default="all", choices=("all", "last"), help="ablate at every position or only the predicting one")
     p.add_argument("--min-freq", type=float, default=0.0,
                    help="a feature is active on a category when it fires on more than this fraction of its positions")
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    args = p.parse_args(argv)
+    p.add_argument("--context", type=int, default=128, help="tokens of context before each marker position")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, run_cli, write_json
+
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         try:
@@ -221,12 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             raise AnalysisError("--percents and --features take comma-separated numbers") from None
         inp = inputs_from_args(args)
-        inp.models()
-        cats = load_categories(args.categories)
+        cats = load_categories(args.categories)  # before the models load: a bad file fails at once
         names = args.category or list(cats)
         for c in names:
             if c not in cats:
                 raise AnalysisError(f"unknown category {c!r}; known: {', '.join(cats)}")
+        inp.models()
         out = out_dir(args, "runs/fastxc-ablate")
         results = []
         for c in names:

@@ -6,6 +6,7 @@ decoder vectors; ``ord=2`` gives the L2 variant.
 """
 from __future__ import annotations
 
+import argparse
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -210,9 +211,9 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastxc.analysis.diff``: decoder-norm diffing of a crosscoder (seed Figure 1, Table 1)."""
-    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc diff``."""
+    from fastxc.analysis.inputs import parser
 
     p = parser("fastxc diff", "Relative decoder norms, classes, NRN histogram, top/bottom features with contexts.")
     p.add_argument("--ord", type=int, default=1, choices=(1, 2), help="norm of the decoder vectors (seed: 1)")
@@ -221,7 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-n", type=int, default=20, help="features exported at each end of the NRN order")
     p.add_argument("--examples", type=int, default=5, help="top-activating contexts per exported feature")
     p.add_argument("--rows", type=int, default=None, help="store rows to scan (default: all)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastxc.analysis.diff``: decoder-norm diffing of a crosscoder (seed Figure 1, Table 1)."""
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, run_cli
+
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         inp = inputs_from_args(args)

@@ -8,12 +8,15 @@ For model i, over the same token windows:
     zero    = CE with layer L's input set to zero
     fraction of loss recovered = (zero - spliced) / (zero - clean)
 
+A fraction outside [0, 1] (or NaN) is not a fraction: ``eval.json`` marks it
+(``frac_recovered_in_range``, ``warnings``) and the command prints a ``warning:`` line.
 BOS / pad / special positions keep their clean activation (the harvester never stores them).
 Per-source FVU and L0 come from store rows (``fastxc.train``'s definition of FVU).
 CLI: ``python -m fastxc.analysis.evaluate --crosscoder DIR --store DIR [--data FILE] [--out DIR]``.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import NamedTuple, Sequence
 
@@ -80,6 +83,24 @@ def spliced_loss(cc: Crosscoder, models: Sequence, tokenizer, layer: int, sequen
     return SpliceResult(clean, spliced, zero, frac, count)
 
 
+def frac_warnings(names: Sequence[str], res: SpliceResult) -> list[str]:
+    """One line per source whose fraction of loss recovered lies outside [0, 1] (or is NaN):
+    such a number is not a fraction, and reading it as one misleads."""
+    out = []
+    for name, f, c, s, z in zip(names, res.frac_recovered, res.clean, res.spliced, res.zero):
+        if f != f:  # NaN
+            why = "undefined: zero-ablating the layer does not change the loss"
+        elif f < 0:
+            why = "below 0: the spliced-in reconstruction is worse than zero-ablating the layer"
+        elif f > 1:
+            why = "above 1: the spliced-in reconstruction beats the clean model (too few tokens, or a bug)"
+        else:
+            continue
+        out.append(f"{name}: fraction of loss recovered {f:.4f} is {why} "
+                   f"(CE clean {c:.4f}, spliced {s:.4f}, zero {z:.4f})")
+    return out
+
+
 @torch.no_grad()
 def store_metrics(cc: Crosscoder, reader, n_rows: int = 4096, batch_size: int = 512, seed: int = 1) -> dict:
     """Per-source FVU and mean L0 on ``n_rows`` store rows (normalised, as in training)."""
@@ -116,6 +137,8 @@ def evaluate(inp: Inputs, sequences: Sequence[Sequence[int]], batch_size: int = 
     res = spliced_loss(inp.crosscoder, models, inp.tokenizer(), inp.layer, sequences, batch_size)
     out = {"sources": inp.source_names, "models": inp.model_names, "layer": inp.layer, **res._asdict(),
            "n_sequences": len(sequences)}
+    out["frac_recovered_in_range"] = [0.0 <= f <= 1.0 for f in res.frac_recovered]  # NaN: False
+    out["warnings"] = frac_warnings(inp.source_names, res)
     reader = eval_reader if eval_reader is not None else inp.reader
     if reader is not None:
         out["store"] = store_metrics(inp.crosscoder, reader, metric_rows)
@@ -123,27 +146,26 @@ def evaluate(inp: Inputs, sequences: Sequence[Sequence[int]], batch_size: int = 
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc eval``."""
     p = parser("fastxc eval", "Spliced-in next-token loss (fraction of loss recovered), FVU and L0.")
     p.add_argument("--data", default=None, help="held-out texts (.jsonl with --text-field, or .txt lines); default: windows of the store's tokens")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text", help="field of the --data .jsonl records holding the text")
     p.add_argument("--eval-store", default=None, help="held-out store for FVU/L0 (default: --store)")
-    p.add_argument("--n-sequences", type=int, default=64)
+    p.add_argument("--n-sequences", type=int, default=64, help="texts (or store windows) the spliced-in loss is measured on")
     p.add_argument("--context", type=int, default=128, help="tokens per window")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--metric-rows", type=int, default=4096)
-    args = p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--metric-rows", type=int, default=4096, help="store rows for FVU and L0")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         inp = inputs_from_args(args)
-        inp.models()  # fail on a width/layer mismatch before any other work
-        tok = inp.tokenizer()
-        if args.data:
-            seqs = text_sequences(read_texts(args.data, args.text_field, args.n_sequences), tok, args.context)
-        elif inp.reader is not None:
-            seqs = store_sequences(inp.reader, tok, args.n_sequences, args.context, args.seed)
-        else:
-            raise AnalysisError("nothing to evaluate on: pass --data FILE or --store DIR")
+        # the cheap inputs first: a bad --data file or --eval-store fails before any model loads
+        texts = read_texts(args.data, args.text_field, args.n_sequences) if args.data else None
         eval_reader = None
         if args.eval_store:
             from fastxc.data.store import open_store
@@ -151,12 +173,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_reader = open_store(args.eval_store)
             if list(eval_reader.widths) != list(inp.crosscoder.widths):
                 raise AnalysisError(f"--eval-store widths {eval_reader.widths} do not match the crosscoder's {inp.crosscoder.widths}")
+        inp.models()  # fail on a width/layer mismatch before any other work
+        tok = inp.tokenizer()
+        if texts is not None:
+            seqs = text_sequences(texts, tok, args.context)
+        elif inp.reader is not None:
+            seqs = store_sequences(inp.reader, tok, args.n_sequences, args.context, args.seed)
+        else:
+            raise AnalysisError("nothing to evaluate on: pass --data FILE or --store DIR")
         res = evaluate(inp, seqs, args.batch_size, args.metric_rows, eval_reader)
         out = out_dir(args, "runs/fastxc-eval")
         write_json(out / "eval.json", res)
         for i, name in enumerate(res["sources"]):
             print(f"{name}: CE clean {res['clean'][i]:.4f}  spliced {res['spliced'][i]:.4f}  zero {res['zero'][i]:.4f}"
                   f"  -> fraction of loss recovered {res['frac_recovered'][i]:.4f}")
+        for w in res["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
         if "store" in res:
             s = res["store"]
             print("FVU " + ", ".join(f"{n} {v:.4f}" for n, v in zip(res["sources"], s["fvu"])) + f"   L0 {s['l0']:.2f}"

@@ -15,6 +15,7 @@ CLI: ``python -m fastxc.analysis.geometry --model-a A --model-b B --layer L [--p
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -189,13 +190,20 @@ def plot_cdf(losses: dict, path: Path, title: str) -> Path:
     return savefig(fig, path, title, title_size=10)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc geometry``."""
+    from fastxc.analysis.inputs import parser
 
     p = parser("fastxc geometry", "Parallelogram loss of word-pair analogies on PCA-reduced activations (seed Fig. 4).")
     p.add_argument("--pairs", default=None, help='word-pair JSON {"class": [["a", "b"], ...]} (default: the shipped set)')
     p.add_argument("--dims", default=",".join(map(str, DEFAULT_DIMS)), help="PCA dimensions")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, run_cli
+
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         try:
@@ -203,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             raise AnalysisError("--dims takes comma-separated integers") from None
         inp = inputs_from_args(args)
+        pairs = load_word_pairs(args.pairs)  # before the models load: a bad file fails at once
         models, tok = inp.models(), inp.tokenizer()
         out = out_dir(args, "runs/fastxc-geometry")
-        res = geometry_analysis(models, inp.source_names, tok, inp.layer, load_word_pairs(args.pairs), dims, out)
+        res = geometry_analysis(models, inp.source_names, tok, inp.layer, pairs, dims, out)
         for k in dims:
             print(f"PCA {k}D: median parallelogram loss")
             for c, per in res["median"][str(k)].items():

@@ -164,14 +164,42 @@ def parser(prog: str, description: str, store_required: bool = False) -> argpars
     p.add_argument("--model-a", default=None, help="model of source 0 (HF id or folder; default: from the store manifest)")
     p.add_argument("--model-b", default=None, help="model of source 1 (default: from the store manifest)")
     p.add_argument("--layer", type=int, default=None, help="decoder layer whose input was harvested (default: manifest)")
-    p.add_argument("--out", default=None, help="output folder (plots and JSON)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (plots and JSON; default: runs/{prog.replace(' ', '-')})")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling positions / generation")
     return p
 
 
+# flag (argparse dest) -> what it must name on disk before a command does any work
+INPUT_PATHS = {"crosscoder": "crosscoder", "store": "folder", "eval_store": "folder", "prompts": "file",
+               "data": "file", "categories": "file", "pairs": "file"}
+
+
+def check_input_paths(args, kinds: dict[str, str] | None = None) -> None:
+    """Fail at once, naming the flag and the path, when a file or folder an input flag names is
+    missing: before any crosscoder, store or model is loaded (a missing --prompts file would
+    otherwise surface only after the models have loaded and the direction is computed)."""
+    for dest, kind in (kinds or INPUT_PATHS).items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        path, flag = Path(value).expanduser(), "--" + dest.replace("_", "-")
+        if kind == "file" and not path.is_file():
+            raise FileNotFoundError(f"{flag}: no such file: {path}")
+        if kind != "file" and not path.is_dir():
+            raise FileNotFoundError(f"{flag}: no such folder: {path}")
+        if kind == "crosscoder" and not (path / "config.json").exists() and (path / "crosscoder" / "config.json").exists():
+            raise AnalysisError(f"--crosscoder {path} is a training run, not a crosscoder folder: "
+                                f"pass {path / 'crosscoder'}")
+
+
 def inputs_from_args(args) -> Inputs:
-    return open_inputs(args.crosscoder, args.store, args.model_a, args.model_b, args.layer, str(resolve_device(args.device)))
+    """The command's ``Inputs``: the device checked, then every input path (``check_input_paths``),
+    then the crosscoder and store opened (models load later, on first use)."""
+    device = str(resolve_device(args.device))
+    check_input_paths(args)
+    return open_inputs(args.crosscoder, args.store, args.model_a, args.model_b, args.layer, device)
 
 
 def out_dir(args, default: str) -> Path:
@@ -283,9 +311,12 @@ def read_texts(path: str | Path, field: str = "text", limit: int | None = None) 
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     out: list[str] = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:  # decoded line by line, so that a bad byte is reported with its line
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise AnalysisError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             if path.suffix in (".jsonl", ".json"):

@@ -9,6 +9,7 @@ CLI: ``python -m fastxc.analysis.reasoning --crosscoder DIR --store DIR [--categ
 """
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -185,8 +186,9 @@ def reasoning_analysis(cc: Crosscoder, reader, tokenizer, categories: dict | Non
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, run_cli
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc reasoning``."""
+    from fastxc.analysis.inputs import parser
 
     p = parser("fastxc reasoning", "Features active at reasoning markers and their NRN, per category.",
                store_required=True)
@@ -194,7 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--at", default="before", choices=POSITIONS, help="position: before the marker (predicts it) or on it")
     p.add_argument("--min-freq", type=float, default=0.0, help="a feature is active on a category above this firing frequency")
     p.add_argument("--max-rows", type=int, default=20000, help="positions sampled per category")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, run_cli
+
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         inp = inputs_from_args(args)

@@ -16,6 +16,7 @@ CLI: ``python -m fastxc.analysis.report --runs ROOT --out report.html`` (ROOT ho
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
@@ -251,8 +252,8 @@ def find_sections(root: str | Path) -> dict[str, Path]:
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis.inputs import run_cli
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc report``."""
     from fastxc.core.cli import Parser
 
     p = Parser(prog="fastxc report", description="One static HTML page from the analyses' outputs.")
@@ -260,9 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in SECTIONS:
         p.add_argument(f"--{key}", default=None, help=f"the {key} output folder (overrides --runs)")
     p.add_argument("--out", default="report.html", help="HTML file to write")
-    p.add_argument("--title", default="fastxc report")
+    p.add_argument("--title", default="fastxc report", help="page title")
     p.add_argument("--link", action="store_true", help="copy images beside the page instead of embedding them")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastxc.analysis.inputs import run_cli
+
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         folders = find_sections(args.runs) if args.runs else {}

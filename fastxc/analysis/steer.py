@@ -16,6 +16,7 @@ generated tokens alike. CLI: ``python -m fastxc.analysis.steer --crosscoder DIR 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
 import sys
@@ -250,15 +251,15 @@ def _cli_direction(args, inp, cats: dict, target: int, feats: list[int],
     return direction, f"features {feats} of {cc.source_names[target]}", unit
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from fastxc.analysis.inputs import inputs_from_args, out_dir, parser, read_texts, run_cli, write_json
-    from fastxc.analysis.reasoning import load_categories
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc steer``."""
+    from fastxc.analysis.inputs import parser
 
     p = parser("fastxc steer", "Steer a model with crosscoder features or difference-of-means directions.")
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with --prompt-field")
-    p.add_argument("--prompt-field", default="question")
+    p.add_argument("--prompt-field", default="question", help="field of the --prompts .jsonl records holding the prompt")
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' <think>'")
-    p.add_argument("--n-prompts", type=int, default=32)
+    p.add_argument("--n-prompts", type=int, default=32, help="prompts read from --prompts (the first N)")
     p.add_argument("--steer", default="b", choices=("a", "b"), help="which model to steer (source 0 = a, 1 = b)")
     p.add_argument("--feature", default=None,
                    help="comma-separated crosscoder features to add, or 'auto:CATEGORY': the steered model's "
@@ -272,10 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alphas", default="0,1,2,4,8", help="comma-separated steering strengths")
     p.add_argument("--alpha-unit", default="mean", choices=("mean", "raw"),
                    help="mean: alphas are multiples of the features' mean activation (needs --store); raw: as given")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     p.add_argument("--show", type=int, default=3, help="completions printed steered vs unsteered")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastxc.analysis.inputs import inputs_from_args, out_dir, read_texts, run_cli, write_json
+    from fastxc.analysis.reasoning import load_categories
+
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         auto = args.feature.split(":", 1)[1] if args.feature and args.feature.startswith("auto:") else None
@@ -291,10 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = 0 if args.steer == "a" else 1
         if target >= cc.n_sources:
             raise AnalysisError(f"the crosscoder has {cc.n_sources} source(s): no model {args.steer}")
-        models, tok = inp.models(), inp.tokenizer()
-        cats = load_categories(args.categories)
-        direction, desc, unit = _cli_direction(args, inp, cats, target, feats, auto)
+        # the small inputs first: a bad prompts or categories file fails before any model loads
         prompts = [q + args.suffix for q in read_texts(args.prompts, args.prompt_field, args.n_prompts)]
+        cats = load_categories(args.categories)
+        models, tok = inp.models(), inp.tokenizer()
+        direction, desc, unit = _cli_direction(args, inp, cats, target, feats, auto)
         sweep = steer_sweep(models[target], tok, prompts, inp.layer, direction, [a * unit for a in alphas], cats,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         out = out_dir(args, "runs/fastxc-steer")

@@ -7,7 +7,9 @@ Pipeline (every step deterministic, so a killed run resumes to the identical sto
 
 1. datasets: each ``--dataset SPEC`` (``path_or_id[@config][#split][:proportion]``, split
    ``train`` unless given) is a stream of texts read with ``datasets`` (streaming; local
-   .json/.jsonl/.parquet/.txt files, local dataset folders or hub ids). Each document is tokenized without special tokens, cut into chunks of
+   .json/.jsonl/.parquet/.txt files, local dataset folders or hub ids; line-based local files
+   are read line by line here, so that a bad line is named or, with ``skip_bad_lines``,
+   skipped and counted). Each document is tokenized without special tokens, cut into chunks of
    ``context_length - 1`` tokens (``context_length`` when the tokenizer has no BOS) and each
    chunk gets the BOS token in front. The mixer takes the next chunk from the dataset that is
    furthest below its share of the tokens so far, so the proportions hold to within one chunk.
@@ -26,11 +28,14 @@ Pipeline (every step deterministic, so a killed run resumes to the identical sto
    per-source normalisation scales) is written last.
 
 Resume: rerun the same command. Completed shards are kept, the data stream is replayed up to
-the recorded batch (tokenization only, no forward passes), and harvesting continues.
+the recorded batch (tokenization only, no forward passes), and harvesting continues. A harvest
+that fails before its first shard leaves nothing behind. Running out of data before ``tokens``
+rows is an error (the folder stays unfinished and resumable) unless ``allow_short``.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import logging
@@ -47,7 +52,8 @@ from torch import nn
 
 from fastxc.core.cli import Parser, report
 from fastxc.core.device import resolve_device
-from fastxc.data.models import config_dims, decoder_layers, load_config, load_model, load_tokenizer, pad_batch, resolve_dtype
+from fastxc.data.models import (config_dims, decoder_layers, hub_unavailable, load_config,
+                                load_model, load_tokenizer, pad_batch, resolve_dtype)
 from fastxc.data.store import MANIFEST, ShardWriter, StoreError, atomic_write_json, build_manifest, canonical_dtype
 
 log = logging.getLogger("fastxc.data.harvest")
@@ -125,8 +131,105 @@ def parse_dataset_specs(specs: Sequence[str]) -> list[DatasetSpec]:
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
 
-def load_text_dataset(path: str, config: str | None = None, split: str = "train"):
-    """An iterable ``datasets`` dataset (streaming) for a local file/folder or a hub id."""
+@dataclass
+class BadLines:
+    """Lines of one dataset file skipped by ``skip_bad_lines`` (not UTF-8, or not a JSON object)."""
+
+    count: int = 0
+    first: int | None = None  # line number (1-based) of the first one
+
+
+def _line_kind(p: Path) -> str | None:
+    """"text" or "json" for a file read line by line here; None for one left to ``datasets``
+    (parquet, and a .json file holding one JSON document rather than JSON lines)."""
+    ext = p.suffix.lower()
+    if ext in (".txt", ".text"):
+        return "text"
+    if ext == ".jsonl":
+        return "json"
+    if ext == ".json":
+        with open(p, "rb") as f:
+            for raw in f:  # JSON lines iff the first non-blank line is a JSON object by itself
+                if raw.strip():
+                    try:
+                        line = raw.lstrip(codecs.BOM_UTF8).decode("utf-8")
+                    except UnicodeDecodeError:
+                        return "json"  # a bad line: named (or skipped) by the line reader
+                    try:
+                        return "json" if isinstance(json.loads(line), dict) else None
+                    except ValueError:  # not JSON on its own: one document over many lines
+                        return None
+    return None
+
+
+def _line_records(path: str, kind: str, skip_bad_lines: bool = False, bad: BadLines | None = None) -> Iterator[dict]:
+    """The records of a JSON-lines or text file, as ``datasets`` reads them (the same records
+    in the same order: a text file gives one ``{"text": line}`` per line, blank ones included;
+    a JSON-lines file one record per non-blank line), but one line at a time, so that a line
+    that is not UTF-8 (or not a JSON object) is named, by file and line number, or skipped
+    and counted in ``bad`` with ``skip_bad_lines``."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            why = None
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                why = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            if why is None and kind == "text":
+                line = line[:-1] if line.endswith("\n") else line
+                line = line[:-1] if line.endswith("\r") else line
+                for piece in line.split("\r"):  # text mode reads a lone \r as a line end too
+                    yield {"text": piece}
+                continue
+            if why is None:
+                if n == 1:
+                    line = line.lstrip("\ufeff")  # a UTF-8 byte order mark, as datasets drops it
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    why = f"not valid JSON ({getattr(e, 'msg', e)})"
+                else:
+                    if isinstance(rec, dict):
+                        yield rec
+                        continue
+                    why = f"not a JSON object but {type(rec).__name__}"
+            if not skip_bad_lines:
+                raise HarvestError(f"dataset {path}, line {n}: {why}; fix the line or pass --skip-bad-lines")
+            if bad is not None:
+                bad.count += 1
+                bad.first = n if bad.first is None else bad.first
+
+
+def _first_bad_utf8_line(path: Path) -> str | None:
+    """"line N: ..." for the first line of ``path`` that is not UTF-8, or None."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    return None
+
+
+def _hub_error(path: str) -> str | None:
+    """Why the hub dataset ``path`` cannot be streamed now (offline, hub unreachable), or None."""
+    why = hub_unavailable()
+    if why is None:
+        return None
+    return (f"cannot load dataset {path}: {why}, and a hub dataset is streamed from the hub; "
+            "download it while online and pass its local folder or files")
+
+
+def load_text_dataset(path: str, config: str | None = None, split: str = "train", *,
+                      skip_bad_lines: bool = False, bad: BadLines | None = None):
+    """An iterable ``datasets`` dataset (streaming) for a local file/folder or a hub id.
+
+    Local .jsonl / .txt files (and .json files of JSON lines) are read line by line here
+    (``_line_records``): a bad line is named by number, or skipped with ``skip_bad_lines``
+    and counted in ``bad``. A hub id fails at once when offline or when the hub does not answer.
+    """
     import datasets
 
     p = Path(path)
@@ -137,25 +240,61 @@ def load_text_dataset(path: str, config: str | None = None, split: str = "train"
                 raise HarvestError(f"dataset {path}: unknown file type {ext!r}; use .json, .jsonl, .parquet or .txt")
             if config is not None or split != "train":
                 raise HarvestError(f"dataset {path}: a single file has no config or split to choose")
+            if p.stat().st_size == 0:  # datasets would say "StopIteration" (or log schema errors)
+                raise HarvestError(f"dataset {path} is empty")
+            kind = _line_kind(p)
+            if kind is not None:
+                # a datasets IterableDataset, so that shuffle() is datasets' own seeded buffer
+                return datasets.IterableDataset.from_generator(
+                    _line_records, gen_kwargs={"path": str(p), "kind": kind, "skip_bad_lines": skip_bad_lines,
+                                               "bad": bad})
             return datasets.load_dataset(_BUILDERS[ext], data_files=str(p), split="train", streaming=True)
         if p.is_dir():
             return datasets.load_dataset(str(p), config, split=split, streaming=True)
         if p.suffix.lower() in _BUILDERS or path.startswith((".", "/", "~")):
             raise HarvestError(f"dataset file not found: {path}")
+        hub = _hub_error(path)
+        if hub is not None:
+            raise HarvestError(hub)
         return datasets.load_dataset(path, config, split=split, streaming=True)
     except HarvestError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-        raise HarvestError(f"cannot load dataset {path}: {type(e).__name__}: {e}") from e
+        raise HarvestError(_dataset_failure(path, e, "load")) from e
 
 
-def iter_texts(spec: DatasetSpec, text_field: str, seed: int = 0, shuffle_buffer: int = 0) -> Iterator[tuple[int, str]]:
+def _dataset_failure(path: str, e: BaseException, verb: str) -> str:
+    """One line for an exception ``datasets`` raised opening or reading ``path``: an empty file
+    and a line that is not UTF-8 are named as such (datasets says only "StopIteration" or
+    "'utf-8' codec can't decode byte 0xff in position 4")."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size == 0:
+        return f"dataset {path} is empty"
+    chain, c = [], e
+    while c is not None and len(chain) < 8:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    if any(isinstance(c, UnicodeDecodeError) or "utf-8" in str(c).lower() for c in chain):
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        for f in files:
+            where = _first_bad_utf8_line(f)
+            if where is not None:
+                return f"dataset {path}, {where}" if f == p else f"dataset {path}: {f}, {where}"
+    if isinstance(e, StopIteration):
+        return f"dataset {path} is empty (no records)"
+    text = str(e).strip().splitlines()
+    return f"cannot {verb} dataset {path}: {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def iter_texts(spec: DatasetSpec, text_field: str, seed: int = 0, shuffle_buffer: int = 0, *,
+               skip_bad_lines: bool = False, bad: BadLines | None = None) -> Iterator[tuple[int, str]]:
     """(record index, text) of every record of the dataset, in stream order (optionally
-    shuffled through a seeded buffer). Records with an empty text are skipped."""
-    ds = load_text_dataset(spec.path, spec.config, spec.split)
+    shuffled through a seeded buffer). Records with an empty text are skipped; with
+    ``skip_bad_lines`` so are undecodable lines of line-based files (counted in ``bad``)."""
+    ds = load_text_dataset(spec.path, spec.config, spec.split, skip_bad_lines=skip_bad_lines, bad=bad)
     if shuffle_buffer > 0:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-    for i, rec in enumerate(ds):
+    for i, rec in enumerate(_reading(ds, spec.path)):
         if text_field not in rec:
             raise HarvestError(f"dataset {spec.path}: record {i} has no field {text_field!r} "
                                f"(fields: {', '.join(map(str, rec))}); pass --text-field")
@@ -169,17 +308,28 @@ def iter_texts(spec: DatasetSpec, text_field: str, seed: int = 0, shuffle_buffer
             yield i, text
 
 
-def check_dataset(spec: DatasetSpec, text_field: str) -> None:
+def _reading(ds, path: str) -> Iterator[dict]:
+    """The records of ``ds``; an error ``datasets`` raises while reading -> one HarvestError line."""
+    it = iter(ds)
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except HarvestError:
+            raise
+        except Exception as e:
+            raise HarvestError(_dataset_failure(path, e, "read")) from e
+        yield rec
+
+
+def check_dataset(spec: DatasetSpec, text_field: str, skip_bad_lines: bool = False) -> None:
     """Open the dataset and read its first record: a missing file, an empty dataset or a
     missing text field fails here, before any model is loaded."""
-    try:
-        first = next(iter(load_text_dataset(spec.path, spec.config, spec.split)), None)
-    except HarvestError:
-        raise
-    except Exception as e:
-        raise HarvestError(f"cannot read dataset {spec.path}: {type(e).__name__}: {e}") from e
+    ds = load_text_dataset(spec.path, spec.config, spec.split, skip_bad_lines=skip_bad_lines)
+    first = next(_reading(ds, spec.path), None)
     if first is None:
-        raise HarvestError(f"dataset {spec.path} is empty")
+        raise HarvestError(f"dataset {spec.path} is empty (no records)")
     if text_field not in first:
         raise HarvestError(f"dataset {spec.path}: no field {text_field!r} (fields: {', '.join(map(str, first))}); "
                            "pass --text-field")
@@ -212,16 +362,19 @@ def iter_chunks(texts: Iterator[tuple[int, str]], tokenizer, context_length: int
             yield Chunk(dataset, doc, s, ([bos] if bos is not None else []) + part)
 
 
-def mix_chunks(streams: Sequence[Iterator[Chunk]], proportions: Sequence[float]) -> Iterator[Chunk]:
+def mix_chunks(streams: Sequence[Iterator[Chunk]], proportions: Sequence[float],
+               exhausted: list[int] | None = None) -> Iterator[Chunk]:
     """Interleave chunk streams so that dataset i holds ~proportions[i] of the tokens: always
     take from the dataset with the smallest tokens_i / p_i (ties: lowest index). Stops when a
-    dataset runs out (the mix would no longer hold)."""
+    dataset runs out (the mix would no longer hold); its index is appended to ``exhausted``."""
     taken = [0] * len(streams)
     while True:
         i = min(range(len(streams)), key=lambda j: (taken[j] / proportions[j], j))
         c = next(streams[i], None)
         if c is None:
-            log.warning("dataset %d is exhausted; stopping the harvest there (the mix holds)", i)
+            log.info("dataset %d is exhausted; stopping the harvest there (the mix holds)", i)
+            if exhausted is not None:
+                exhausted.append(i)
             return
         taken[i] += len(c.ids)
         yield c
@@ -412,14 +565,18 @@ def _plan_sources(models: list[str], revisions: list[str | None], layer: int | N
 
 def _open_out(out: Path, config: dict, overwrite: bool) -> dict | None:
     """Prepare the output folder: None when it already holds this harvest, else the progress to
-    resume from (harvest-state.json, or a fresh start); stray shard files are removed."""
+    resume from (harvest-state.json, or a fresh start); stray shard files are removed.
+
+    ``overwrite`` starts afresh whatever the folder holds (a finished store or an unfinished
+    harvest, with these settings or others): the settings do not cover the datasets' content,
+    so it is also how to redo a harvest after editing its data files."""
     state_path, man_path = out / STATE, out / MANIFEST
     if man_path.exists():
         try:
             old = json.loads(man_path.read_text()).get("harvest_config")
         except (OSError, json.JSONDecodeError):
             old = None
-        if old == config:
+        if old == config and not overwrite:
             state_path.unlink(missing_ok=True)  # killed between the manifest and this cleanup
             log.info("%s already holds this harvest; nothing to do", out)
             return None
@@ -428,6 +585,9 @@ def _open_out(out: Path, config: dict, overwrite: bool) -> dict | None:
                                "or pass --overwrite")
         man_path.unlink()
         state_path.unlink(missing_ok=True)
+    elif overwrite and state_path.exists():
+        log.info("--overwrite: discarding the unfinished harvest in %s", out)
+        state_path.unlink()
     st = {"version": STATE_VERSION, "config": config, "shards": [], "batches": 0, "rows": 0, "dropped": 0}
     if state_path.exists():
         try:
@@ -436,7 +596,7 @@ def _open_out(out: Path, config: dict, overwrite: bool) -> dict | None:
             raise HarvestError(f"{state_path} is unreadable ({e}); remove {out} and start again") from e
         if st.get("version") != STATE_VERSION or st.get("config") != config:
             raise HarvestError(f"{out} holds an unfinished harvest with other settings; rerun that exact "
-                               "command to finish it, or choose another --out")
+                               "command to finish it, choose another --out, or pass --overwrite to replace it")
         for rec in st["shards"]:
             for f in rec["files"].values():
                 p = out / f["path"]
@@ -451,6 +611,20 @@ def _open_out(out: Path, config: dict, overwrite: bool) -> dict | None:
         if p.name.startswith(".shard-") or (p.name.startswith("shard-") and p.name not in keep):
             p.unlink()
     return st
+
+
+def _discard_unfinished(out: Path, created: bool) -> None:
+    """Undo a harvest that stopped before finishing any shard: its progress file and shard
+    files go (and the folder, when this run created it), so nothing half-made is left and the
+    same command, or any other, simply starts again."""
+    if not out.is_dir():
+        return
+    (out / STATE).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if p.name.startswith((".shard-", "shard-", f".{STATE}.tmp-")):
+            p.unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _drop_outliers(x: torch.Tensor, meta: dict[str, np.ndarray], offsets: Sequence[int],
@@ -539,13 +713,25 @@ class _Harvester:
         self.flush()
 
 
-def _batch_stream(specs: Sequence[DatasetSpec], tok, config: dict, skip: int) -> Iterator[list[Chunk]]:
+@dataclass
+class _StreamLog:
+    """What reading the datasets met: bad lines skipped per dataset, the dataset that ran out."""
+
+    bad: list[BadLines]
+    exhausted: list[int]
+
+
+def _batch_stream(specs: Sequence[DatasetSpec], tok, config: dict, skip: int,
+                  seen: _StreamLog | None = None, skip_bad_lines: bool = False) -> Iterator[list[Chunk]]:
     """The mixed chunk batches of the datasets, the first ``skip`` batches (done before a resume)
-    replayed: tokenization only."""
-    streams = [iter_chunks(iter_texts(s, config["text_field"], config["seed"], config["shuffle_buffer"]), tok,
+    replayed: tokenization only. The replay rereads the same lines, so ``seen`` counts the same
+    bad lines as an uninterrupted run."""
+    streams = [iter_chunks(iter_texts(s, config["text_field"], config["seed"], config["shuffle_buffer"],
+                                      skip_bad_lines=skip_bad_lines, bad=seen.bad[k] if seen else None), tok,
                            config["context_length"], k, split_special_tokens=config.get("ignore_special_tokens", False))
                for k, s in enumerate(specs)]
-    batches = iter_batches(mix_chunks(streams, [s.proportion for s in specs]), config["batch_size"])
+    batches = iter_batches(mix_chunks(streams, [s.proportion for s in specs], seen.exhausted if seen else None),
+                           config["batch_size"])
     for _ in range(skip):
         if next(batches, None) is None:
             break
@@ -553,13 +739,9 @@ def _batch_stream(specs: Sequence[DatasetSpec], tok, config: dict, skip: int) ->
 
 
 def _write_manifest(out: Path, config: dict, state: dict, specs: Sequence[DatasetSpec], widths: Sequence[int],
-                    sources: list[dict], tok) -> None:
-    """Finish the store: the manifest (rows per dataset counted from the shards), written last,
-    then the progress file removed."""
-    if state["rows"] == 0:
-        raise HarvestError("no activations harvested: the datasets gave no tokens")
-    if state["rows"] < config["tokens"]:
-        log.warning("harvested %d of %d requested tokens (a dataset ran out)", state["rows"], config["tokens"])
+                    sources: list[dict], tok, seen: _StreamLog) -> None:
+    """Finish the store: the manifest (rows per dataset counted from the shards; a short store
+    and the bad lines skipped recorded), written last, then the progress file removed."""
     ds_rows = np.zeros(len(specs), dtype=np.int64)
     for rec in state["shards"]:
         counts = np.bincount(np.fromfile(out / rec["files"]["dataset"]["path"], dtype=np.uint8), minlength=len(specs))
@@ -567,12 +749,16 @@ def _write_manifest(out: Path, config: dict, state: dict, specs: Sequence[Datase
     manifest = build_manifest(
         widths=widths, dtype=config["store_dtype"], shards=state["shards"], sources=sources,
         tokenizer=tokenizer_info(tok),
-        datasets=[{"spec": s.spec, "path": s.path, "config": s.config, "split": s.split, "proportion": s.proportion, "rows": int(r)}
-                  for s, r in zip(specs, ds_rows)],
+        datasets=[{"spec": s.spec, "path": s.path, "config": s.config, "split": s.split, "proportion": s.proportion,
+                   "rows": int(r), **({"bad_lines_skipped": b.count} if b.count else {})}
+                  for s, r, b in zip(specs, ds_rows, seen.bad)],
         seed=config["seed"], dropped_outliers=int(state["dropped"]), outlier_factor=config["outlier_factor"],
         context_length=config["context_length"], text_field=config["text_field"], model_dtype=config["model_dtype"],
         harvest_config=config,
     )
+    if state["rows"] < config["tokens"]:  # only with allow_short: the store says it is short
+        manifest["short"] = {"requested_tokens": int(config["tokens"]), "harvested_tokens": int(state["rows"]),
+                             "exhausted_datasets": [specs[i].spec for i in seen.exhausted]}
     atomic_write_json(out / MANIFEST, manifest)
     (out / STATE).unlink(missing_ok=True)
 
@@ -583,7 +769,8 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
             model_dtype: str = "float32", text_field: str = "text", seed: int = 0, progress: bool = True,
             *, outlier_factor: float = 10.0, shard_tokens: int | None = None,
             source_names: Sequence[str] | None = None, revisions: Sequence[str | None] | None = None,
-            shuffle_buffer: int = 0, overwrite: bool = False, ignore_special_tokens: bool = False) -> Path:
+            shuffle_buffer: int = 0, overwrite: bool = False, ignore_special_tokens: bool = False,
+            skip_bad_lines: bool = False, allow_short: bool = False) -> Path:
     """Harvest the residual stream of ``models`` into a store at ``out``; returns its path.
 
     Args:
@@ -606,15 +793,22 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
         source_names: names of the sources (default: model folder names, with @L<layer>).
         revisions: hub revision of each model.
         shuffle_buffer: documents in the streaming shuffle buffer (0: stream order).
-        overwrite: replace a finished store with different settings at ``out``.
+        overwrite: start afresh whatever ``out`` holds (a store or an unfinished harvest).
         ignore_special_tokens: require only the regular vocabularies to match (see
             ``check_tokenizers``).
+        skip_bad_lines: skip (and count, in the manifest's datasets) lines of .jsonl / .txt
+            files that are not UTF-8 or not a JSON object, instead of stopping at the first.
+        allow_short: when the datasets run out before ``tokens`` rows, finish the store with
+            what there is (marked ``short`` in the manifest) instead of raising HarvestError.
+
+    A harvest that stops with an error before finishing a shard leaves nothing behind; one that
+    stops later keeps its finished shards (rerun the same command to continue).
     """
     out, models = Path(out), [str(m) for m in models]
     dtype, specs, revisions, shard_rows = _check_settings(models, datasets, tokens, batch_size, outlier_factor,
                                                           store_dtype, model_dtype, revisions, shard_tokens)
     for spec in specs:  # fail on a bad dataset before any model is loaded
-        check_dataset(spec, text_field)
+        check_dataset(spec, text_field, skip_bad_lines)
     toks = [load_tokenizer(m, r) for m, r in zip(models, revisions)]
     check_tokenizers(toks, models, ignore_special_tokens)
     tok = toks[0]
@@ -629,59 +823,91 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
     }
     if ignore_special_tokens:  # only in the config when set: older stores keep their fingerprint
         config["ignore_special_tokens"] = True
+    # skip_bad_lines and allow_short are not settings: the rows up to a bad line are the same with
+    # or without skipping, so a harvest stopped by one continues when rerun with --skip-bad-lines
+    created = not out.exists()
     state = _open_out(out, config, overwrite)
     if state is None:
         return out
 
-    batches = _batch_stream(specs, tok, config, skip=state["batches"])
-    caps = [LayerCapture(load_model(m, device, model_dtype, r), ls) for m, r, ls in zip(models, revisions, layer_lists)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=int(tokens), initial=state["rows"], unit="tok", desc="harvest", dynamic_ncols=True)
+    seen = _StreamLog([BadLines() for _ in specs], [])
     try:
-        _Harvester(out, state, caps, widths, dtype, tok, device).run(batches, tokens, outlier_factor, shard_rows, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-        for c in caps:
-            c.remove()
+        batches = _batch_stream(specs, tok, config, skip=state["batches"], seen=seen, skip_bad_lines=skip_bad_lines)
+        caps = [LayerCapture(load_model(m, device, model_dtype, r), ls)
+                for m, r, ls in zip(models, revisions, layer_lists)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-    _write_manifest(out, config, state, specs, widths, sources, tok)
+            bar = tqdm(total=int(tokens), initial=state["rows"], unit="tok", desc="harvest", dynamic_ncols=True)
+        try:
+            _Harvester(out, state, caps, widths, dtype, tok, device).run(batches, tokens, outlier_factor, shard_rows, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            for c in caps:
+                c.remove()
+        if state["rows"] == 0:
+            raise HarvestError("no activations harvested: the datasets gave no tokens")
+    except BaseException as e:
+        if not state["shards"]:
+            _discard_unfinished(out, created)
+        elif isinstance(e, HarvestError):
+            raise HarvestError(f"{e} ({len(state['shards'])} finished shard(s) are kept in {out}: rerun the same "
+                               "command to continue, or pass --overwrite to start again)") from e
+        raise
+    if state["rows"] < int(tokens):
+        ran_out = ", ".join(specs[i].spec for i in seen.exhausted) or "a dataset"
+        if not allow_short:
+            # Kept unfinished (no manifest, so never read as a store), resumable: --allow-short
+            # finishes it without repeating a forward pass.
+            raise HarvestError(
+                f"harvested {state['rows']} of {int(tokens)} requested tokens: {ran_out} ran out; {out} is left "
+                "unfinished (no manifest): rerun with --allow-short to keep these tokens as the store, or give "
+                "more data or fewer --tokens with --overwrite")
+        # the manifest records it ("short") and the command prints it as a warning
+        log.info("harvested %d of %d requested tokens: %s ran out (--allow-short)", state["rows"], tokens, ran_out)
+    _write_manifest(out, config, state, specs, widths, sources, tok, seen)
     return out
 
 
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fastxc harvest",
-                                description="Harvest residual-stream activations of HF models into a fastxc store.")
+               description="Harvest residual-stream activations of HF models into a fastxc store.")
     p.add_argument("--model-a", help="first model (hub id or local folder)")
-    p.add_argument("--model-b", help="second model")
+    p.add_argument("--model-b", help="second model (hub id or local folder)")
     p.add_argument("--model", action="append", default=[], help="further models (repeatable; n >= 2 in total)")
     p.add_argument("--layer", type=int, default=None, help="decoder layer whose input is captured (default: half depth)")
     p.add_argument("--layers", default=None, help="several layers of each model as sources, e.g. 2,4,6")
     p.add_argument("--dataset", action="append", default=[], metavar="SPEC",
                    help="path_or_id[@config][#split][:proportion]; repeat to mix (e.g. traces.jsonl:0.5 "
                         "org/corpus@default#train:0.5); split defaults to train")
-    p.add_argument("--text-field", default="text", help="dataset field with the text (default: text)")
+    p.add_argument("--text-field", default="text", help="dataset field with the text")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count lines of .jsonl/.txt files that are not UTF-8 or not a JSON object "
+                        "(default: stop at the first, naming its file and line)")
     p.add_argument("--tokens", type=int, required=True, help="token positions to store")
+    p.add_argument("--allow-short", action="store_true",
+                   help="if the datasets run out before --tokens, keep the shorter store (a warning) "
+                        "instead of failing")
     p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--context-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context-length", type=int, default=128, help="tokens per model input sequence, BOS included")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--dtype", "--store-dtype", dest="store_dtype", default="bfloat16",
                    help="store dtype: bfloat16 (default), float16, float32, fp8 (e4m3, per-row scale)")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--model-dtype", default="float32", help="float32 (default), bfloat16, float16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dtype", default="float32", help="dtype the models run in: float32 (default), bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (with --shuffle-buffer)")
     p.add_argument("--outlier-factor", type=float, default=10.0,
                    help="drop positions with a norm > factor x the median (0: keep all)")
     p.add_argument("--shard-tokens", type=int, default=None, help=f"rows per shard (default {DEFAULT_SHARD_TOKENS})")
     p.add_argument("--shuffle-buffer", type=int, default=0, help="streaming document shuffle buffer (0: off)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished store with other settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh whatever --out holds (a store or an unfinished harvest)")
     p.add_argument("--ignore-special-tokens", action="store_true",
                    help="require only the regular vocabularies to match (special tokens may differ)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -701,10 +927,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                        text_field=args.text_field, seed=args.seed, progress=not args.no_progress,
                        outlier_factor=args.outlier_factor, shard_tokens=args.shard_tokens,
                        shuffle_buffer=args.shuffle_buffer, overwrite=args.overwrite,
-                       ignore_special_tokens=args.ignore_special_tokens)
+                       ignore_special_tokens=args.ignore_special_tokens, skip_bad_lines=args.skip_bad_lines,
+                       allow_short=args.allow_short)
     except (ValueError, OSError) as e:  # HarvestError / StoreError are ValueErrors
         return report(e)
     m = json.loads((path / MANIFEST).read_text())
+    short = m.get("short")
+    if short:
+        print(f"warning: harvested {short['harvested_tokens']} of {short['requested_tokens']} requested tokens: "
+              f"{', '.join(short['exhausted_datasets']) or 'a dataset'} ran out (--allow-short)", file=sys.stderr)
+    for d in m.get("datasets", []):
+        if d.get("bad_lines_skipped"):
+            print(f"warning: skipped {d['bad_lines_skipped']} bad line(s) of {d['path']} (--skip-bad-lines)",
+                  file=sys.stderr)
     print(f"store: {path}  ({m['n_rows']} tokens, sources {[s['name'] for s in m['sources']]}, "
           f"widths {m['widths']}, dtype {m['dtype']}, {m['dropped_outliers']} outlier positions dropped)")
     return 0

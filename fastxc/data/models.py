@@ -8,11 +8,18 @@ model's decoder layers, so that the harvester and the analyses hook the same mod
   is the residual stream that stores hold (``output_hidden_states[L]`` for layer L);
 - ``pad_batch(seqs, pad_id)``: right-padded token batch for those models.
 
-``name`` is a hub id (``org/name``, resolved from the local cache when offline) or a local
-folder (``~`` expanded). Every failure is a one-line ``ModelError`` (a ValueError).
+``name`` is a hub id (``org/name``) or a local folder (``~`` expanded). Every failure is a
+one-line ``ModelError`` (a ValueError).
+
+Hub ids and the network: with ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) a hub id is
+read from the local Hugging Face cache only. Otherwise the hub is probed once per process
+(``hub_unreachable``: one request, ``HUB_TIMEOUT`` seconds, no retries); when it does not
+answer, a hub id is read from the local cache, and one that is not cached fails at once
+instead of after a minute of retries.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +49,65 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+HUB_TIMEOUT = 5.0  # seconds for the one probe of the hub
+_hub_probes: dict[str, str | None] = {}  # endpoint -> None (answers) or why it does not
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` asks for no network (read now, so
+    setting it after ``huggingface_hub`` was imported still counts)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(k, "").strip().upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def hub_endpoint() -> str:
+    """The hub URL huggingface_hub downloads from (``HF_ENDPOINT``)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def hub_unreachable(timeout: float = HUB_TIMEOUT) -> str | None:
+    """None when the hub answers (any HTTP status), else why not ("Connection refused", ...).
+
+    One HEAD request per endpoint and process through huggingface_hub's own session (so proxy
+    settings apply), with a short timeout and no retries.
+    """
+    endpoint = hub_endpoint()
+    if endpoint not in _hub_probes:
+        from huggingface_hub.utils import get_session
+
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            _hub_probes[endpoint] = None
+        except Exception as e:  # connection refused, DNS failure, timeout, TLS failure, ...
+            _hub_probes[endpoint] = _first_line(e)
+    return _hub_probes[endpoint]
+
+
+def hub_unavailable() -> str | None:
+    """Why the hub cannot be used now ("HF_HUB_OFFLINE is set", "the Hugging Face hub at URL
+    is unreachable (...)"), or None when it answers."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    down = hub_unreachable()
+    return None if down is None else f"the Hugging Face hub at {hub_endpoint()} is unreachable ({down})"
+
+
+def is_local(name: str | Path) -> bool:
+    """Whether ``name`` is an existing local path (else it is taken as a hub id)."""
+    return Path(str(name)).expanduser().exists()
+
+
+def _in_cache(repo_id: str, repo_type: str = "model") -> bool:
+    from huggingface_hub import constants
+
+    folder = f"{repo_type}s--" + repo_id.replace("/", "--")
+    return (Path(constants.HF_HUB_CACHE) / folder).is_dir()
+
+
 def _resolve(name: str | Path) -> str:
     """A local folder (``~`` expanded) or the hub id as given; a missing path-like name fails
     here, with a clearer message than the hub lookup it would otherwise become."""
@@ -64,12 +130,28 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _from_pretrained(load: Callable[..., Any], name: str | Path, revision: str | None, what: str, **kw):
-    """``load(path, revision=..., **kw)`` (a transformers ``from_pretrained``); a failure -> one-line ModelError."""
+    """``load(path, revision=..., **kw)`` (a transformers ``from_pretrained``); a failure -> one-line ModelError.
+
+    A hub id is read from the local cache only when offline or when the hub does not answer
+    (see the module docstring), so a missing network costs one short probe, not retries.
+    """
     path = _resolve(name)
+    why_local = None if is_local(path) else hub_unavailable()
+    if why_local is not None:
+        kw["local_files_only"] = True
     try:
         return load(path, **({"revision": revision} if revision else {}), **kw)
     except (OSError, ValueError) as e:
+        if why_local is not None and not _in_cache(path):
+            raise ModelError(f"cannot load {what}: {why_local} and {path} is not in the local Hugging Face cache "
+                             f"({_cache_dir()}); download it while online or pass a local folder") from e
         raise ModelError(f"cannot load {what}: {_first_line(e)}") from e
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
 
 
 def load_model(name: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",

@@ -14,7 +14,8 @@ from fastxc.core.cli import Parser
 from fastxc.organism.build import RECIPE_VERSION, OrganismConfig, build_organism, load_organism, reproduces
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``fastxc organism``."""
     p = Parser(prog="fastxc organism", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(OrganismConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     progress = not args.no_progress
     try:
         cfg = OrganismConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OrganismConfig)})
