@@ -159,8 +159,7 @@ I64 = 8  # idx, CSR order, top-k keys
 
 # ----------------------------------------------------------------------------- kernel constants
 # (copied from fastxc/kernels: a test checks they still match)
-ENC_BLOCK_N = 128  # triton_encode.block_n_topk: BLOCK_N = max(128, BLOCK_TOPK) on a GPU
-SPAN_PER_CANDIDATE = 16  # triton_encode.SPAN_PER_CANDIDATE: features per kept top-k candidate
+ENC_BLOCK_N = 128  # encode.py _triton_topk: BLOCK_N = max(128, BLOCK_TOPK) on a GPU
 DEC_BLOCK_D = 128  # decode.py BLOCK_D: column block of gather-sum / gather-dot / scatter
 SCATTER_BLOCK_F = 32  # decode.py BLOCK_F: features per scatter program (rows of the one-hot dot)
 SCATTER_BLOCK_NNZ = 32  # decode.py BLOCK_NNZ (was BLOCK_E): entries per scatter loop step
@@ -253,35 +252,23 @@ def encoder_gemm(s: Shape, dt: Dtypes) -> Op:
               dt.fastxc_gemm, "fwd", f"2BFD; x, W_enc, b_enc read once ({dt.fastxc_gemm} pipe)")
 
 
-def topk_span(s: Shape) -> tuple[int, int, int]:
-    """(BLOCK_N, feature blocks per program, programs per row block) of the fused top-k
-    (``triton_encode.topk_plan``: one program keeps BLOCK_TOPK candidates per span of
-    SPAN_PER_CANDIDATE * BLOCK_TOPK features)."""
-    kp = _pow2(s.k)
-    bn = max(ENC_BLOCK_N, kp)
-    n_sub = min(max(1, math.ceil(SPAN_PER_CANDIDATE * kp / bn)), math.ceil(s.n_features / bn))
-    return bn, n_sub, math.ceil(s.n_features / (bn * n_sub))
-
-
 def topk_epilogue(s: Shape, dt: Dtypes) -> Op:
-    """``_encode_topk_kernel`` epilogue: int64 keys, ``tl.topk`` per [BLOCK_M, BLOCK_N] tile, a
-    bitonic merge (max + sort of BLOCK_TOPK keys) into the program's running top, candidates
-    [B, n_spans * kp] int64 written."""
+    """``_encode_topk_kernel`` epilogue: int64 keys, ``tl.topk`` per [BLOCK_M, BLOCK_N] tile,
+    candidates [B, F/BLOCK_N * kp] int64 written."""
     B, F = s.batch, s.n_features
     kp = _pow2(s.k)
-    bn, n_sub, n_spans = topk_span(s)
-    n_tiles = n_spans * n_sub
-    log_kp = kp.bit_length() - 1
-    merge = kp + kp * log_kp * (log_kp + 1) // 2  # max, then a full bitonic sort of kp keys
-    per_elem = (topk_network_steps(bn, kp) + merge) / bn * OPS_PER_COMPARE_SWAP + KEY_PACK_OPS
-    return Op("top-k epilogue (in GEMM, est.)", per_elem * B * n_tiles * bn, B * n_spans * kp * I64, "int", "fwd",
-              f"~{per_elem:.0f} int ops per pre-activation (estimate); candidates B x {n_spans * kp} int64")
+    bn = max(ENC_BLOCK_N, kp)
+    n_tiles = math.ceil(F / bn)
+    per_elem = topk_network_steps(bn, kp) / bn * OPS_PER_COMPARE_SWAP + KEY_PACK_OPS
+    return Op("top-k epilogue (in GEMM, est.)", per_elem * B * n_tiles * bn, B * n_tiles * kp * I64, "int", "fwd",
+              f"~{per_elem:.0f} int ops per pre-activation (estimate); candidates B x {n_tiles * kp} int64")
 
 
 def final_topk(s: Shape) -> Op:
     """``cand.topk(k)`` over [B, n_cand] int64 keys, then ``_unpack_keys`` + relu_ + cast on [B, k]."""
     B, k = s.batch, s.k
-    n_cand = topk_span(s)[2] * _pow2(k)
+    kp = _pow2(k)
+    n_cand = math.ceil(s.n_features / max(ENC_BLOCK_N, kp)) * kp
     unpack = B * k * 60  # ~6 small elementwise kernels over [B, k] (shift, where, and, relu_, cast)
     return Op("final top-k over candidates", 0, B * n_cand * I64 + B * k * 2 * I64 + unpack, "int", "fwd",
               "torch.topk on int64 keys (radix passes served from L2) + unpack")

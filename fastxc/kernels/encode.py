@@ -9,11 +9,11 @@ Backward (G = dL/dvals masked by the activation, k non-zeros per row; never a de
     db_enc = scatter-add of G over idx
     dx     = sum_j G[b, j] * W_enc[idx[b, j]]   (the gather-sum of the decoder's forward)
 TopK selection is fused into the GEMM: on the Triton path (``triton_encode.py``, imported on
-the first Triton call) each [BLOCK_M, BLOCK_N] output tile's rows' top-k (``_encode_topk_kernel``:
-value and feature id packed in one sortable int64, ``tl.topk`` in the epilogue) merge into a
-running top-k per program over a span of 16 * BLOCK_TOPK features, so no [B, F] tensor is
-written; a final ``torch.topk`` over the [B, F / 16] candidates (``triton_encode.topk_plan``)
-picks the k (k > 128: the GEMM alone, then ``torch.topk``). On the CPU the GEMM runs in row chunks and a C++ bounded heap selects from
+the first Triton call) each [BLOCK_M, BLOCK_N] output tile keeps only its rows' top-k
+candidates (``_encode_topk_kernel``: value and feature id packed in one sortable int64,
+``tl.topk`` in the epilogue), so no [B, F] tensor is written; a final ``torch.topk`` over the
+[B, F / BLOCK_N * BLOCK_TOPK] candidates picks the k (k > 128: the GEMM alone, then
+``torch.topk``). On the CPU the GEMM runs in row chunks and a C++ bounded heap selects from
 each chunk while it is in cache. ReLU keeps a mask over the [B, F] thresholded pre-activation.
 
 Casting rule of the GEMM, every backend: the products are those of the operands in fp32 (bf16 x

@@ -59,12 +59,12 @@ TOPK_FUSED_MAX = 128
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, block_n, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The [BLOCK_M, BLOCK_N] float32 tile of pre = x @ W.T + b at row block program_id(0) and
-    feature block ``block_n`` -> (tile, row offsets, feature offsets, row mask, feature mask)."""
+    """This program's [BLOCK_M, BLOCK_N] float32 tile of pre = x @ W.T + b -> (tile, row offsets,
+    feature offsets, row mask, feature mask); program ids (0, 1) pick the row / feature block."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < B
     mask_n = offs_n < F
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -99,8 +99,8 @@ def _encode_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, tl.program_id(1),
-                                                    UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST, PRECISION,
+                                                    BLOCK_M, BLOCK_N, BLOCK_K)
     if ACT == 1:
         theta = tl.load(theta_ptr + offs_n, mask=mask_n, other=0.0)
         acc = tl.where(acc > theta[None, :], acc, 0.0)
@@ -117,44 +117,26 @@ def _encode_topk_kernel(
     x_ptr,  # [B, D] input rows
     w_ptr,  # [F, D] encoder, feature-major
     b_ptr,  # [F] bias
-    cand_ptr,  # [B, n_spans * BLOCK_TOPK] int64: each span's top (value, feature) keys per row
+    cand_ptr,  # [B, n_tiles * BLOCK_TOPK] int64: each tile's top (value, feature) keys per row
     B, F, D, n_cand,
-    n_sub,  # feature blocks per program: a span of n_sub * BLOCK_N features
-    BLOCK_TOPK: tl.constexpr,  # candidates per span and row: next power of two >= k, <= BLOCK_N
+    BLOCK_TOPK: tl.constexpr,  # candidates per tile and row: next power of two >= k, <= BLOCK_N
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Each program walks n_sub feature blocks and keeps a running top-BLOCK_TOPK per row, so
-    # the candidate buffer holds BLOCK_TOPK keys per n_sub * BLOCK_N features (``topk`` sizes
-    # the span), not per tile. The running top lives in the program's own slots of that buffer
-    # (L2-resident), not in registers: a loop-carried [BLOCK_M, BLOCK_TOPK] int64 tile live
-    # through the MMA loop spilled on sm_80 (up to 820 B per thread at BLOCK_TOPK 128).
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST, PRECISION,
+                                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    # float -> int32 with the same order (negative floats: flip the magnitude bits), then the
+    # feature id in the low 32 bits: one int64 sort key carries value and index together
+    bits = acc.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    key = (key << 32) | offs_n.to(tl.int64)[None, :]
+    key = tl.where(mask_n[None, :], key, -9223372036854775807 - 1)  # padding columns: never picked
+    top = tl.topk(key, BLOCK_TOPK)  # [BLOCK_M, BLOCK_TOPK]
     offs_c = tl.program_id(1) * BLOCK_TOPK + tl.arange(0, BLOCK_TOPK)
-    slots = cand_ptr + offs_m[:, None].to(tl.int64) * n_cand + offs_c[None, :]
-    rows = offs_m[:, None] < B
-    for j in range(n_sub):
-        acc, _, offs_n, _, mask_n = _pre_tile(
-            x_ptr, w_ptr, b_ptr, B, F, D, tl.program_id(1) * n_sub + j, UPCAST, PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_K)
-        # float -> int32 with the same order (negative floats: flip the magnitude bits), then
-        # the feature id in the low 32 bits: one int64 sort key carries value and index together
-        bits = acc.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = (key << 32) | offs_n.to(tl.int64)[None, :]
-        key = tl.where(mask_n[None, :], key, -9223372036854775807 - 1)  # padding: never picked
-        top = tl.topk(key, BLOCK_TOPK)  # [BLOCK_M, BLOCK_TOPK], largest first
-        if j > 0:
-            # both sorted descending: max(best[i], top[T-1-i]) is the top T of their union (the
-            # first step of a bitonic merge); sorted again for the next merge
-            best = tl.load(slots, mask=rows, other=0)
-            top = tl.sort(tl.maximum(best, tl.flip(top, 1)), 1, descending=True)
-            tl.debug_barrier()  # every thread has read its slots before any is overwritten
-        tl.store(slots, top, mask=rows)
-        tl.debug_barrier()  # the stores are visible to the threads that load them next
+    tl.store(cand_ptr + offs_m[:, None].to(tl.int64) * n_cand + offs_c[None, :], top, mask=mask_m[:, None])
 
 
 _encode_topk_tuned = triton.autotune(configs=TOPK_GPU_CONFIGS,
@@ -185,55 +167,40 @@ def _ieee(x, flags) -> bool:
 
 
 def block_n_topk(block_topk: int) -> int:
-    """BLOCK_N of the top-k GEMM for BLOCK_TOPK candidates (under the interpreter the sort's
-    cost grows with the width, so it takes narrower tiles)."""
-    return max(64 if _dispatch.interpreting() else 128, block_topk)
-
-
-# Features per kept candidate: a program keeps BLOCK_TOPK int64 keys per span of
-# SPAN_PER_CANDIDATE * BLOCK_TOPK features, so the candidate buffer is 8 / 16 = 0.5 byte per
-# [B, F] entry, 1/8 of a dense fp32 [B, F] (tests/test_encode.py measures the allocations).
-SPAN_PER_CANDIDATE = 16
-
-
-def topk_plan(F: int, k: int) -> dict:
-    """The fused top-k's launch plan for F features and k: BLOCK_TOPK, BLOCK_N, n_sub (feature
-    blocks per program), n_spans (programs per row block) and n_cand (keys kept per row)."""
-    block_topk = triton.next_power_of_2(k)
-    block_n = block_n_topk(block_topk)
-    n_sub = max(1, triton.cdiv(SPAN_PER_CANDIDATE * block_topk, block_n))
-    n_sub = min(n_sub, triton.cdiv(F, block_n))  # a span never exceeds F
-    n_spans = triton.cdiv(F, block_n * n_sub)
-    return {"BLOCK_TOPK": block_topk, "BLOCK_N": block_n, "n_sub": n_sub, "n_spans": n_spans,
-            "n_cand": n_spans * block_topk}
+    """BLOCK_N of the top-k GEMM for BLOCK_TOPK candidates: the candidate buffer holds
+    F / BLOCK_N * BLOCK_TOPK keys per row, so a wide tile keeps it small; under the
+    interpreter the sort's cost grows with the width."""
+    bn = max(64 if _dispatch.interpreting() else 128, block_topk)
+    return bn
 
 
 def topk(x, W, b, k: int):
-    """Fused GEMM + bias + top-k -> (pre values [B, k] float32, idx [B, k] int64), unsorted.
-    Extra memory: the [B, n_cand] int64 candidate keys (``topk_plan``), at most 1/8 of a dense
-    fp32 [B, F] for F >= 16 * BLOCK_TOPK."""
+    """Fused GEMM + bias + top-k -> (pre values [B, k] float32, idx [B, k] int64), unsorted."""
     B, D = x.shape
     F = W.shape[0]
-    plan = topk_plan(F, k)
-    if plan["BLOCK_TOPK"] > TOPK_FUSED_MAX:
+    block_topk = triton.next_power_of_2(k)
+    if block_topk > TOPK_FUSED_MAX:
         vals, idx = pre(x, W, b).topk(k, dim=1, sorted=False)
         return vals, idx
+    block_n = block_n_topk(block_topk)
+    n_tiles = triton.cdiv(F, block_n)
+    n_cand = n_tiles * block_topk
     if B == 0:
         return (torch.empty(0, k, dtype=torch.float32, device=x.device),
                 torch.empty(0, k, dtype=torch.int64, device=x.device))
-    n_cand, n_spans = plan["n_cand"], plan["n_spans"]
     cand = torch.empty(B, n_cand, dtype=torch.int64, device=x.device)
     x, W, b = x.contiguous(), W.contiguous(), b.contiguous()
-    args = (x, W, b, cand, B, F, D, n_cand, plan["n_sub"])
-    meta = {"BLOCK_TOPK": plan["BLOCK_TOPK"], "BLOCK_N": plan["BLOCK_N"], **gemm_flags(x.dtype, W.dtype)}
+    args = (x, W, b, cand, B, F, D, n_cand)
+    flags = gemm_flags(x.dtype, W.dtype)
     if _dispatch.interpreting():
-        grid = (triton.cdiv(B, INTERP_TOPK_CONFIG["BLOCK_M"]), n_spans)
-        _encode_topk_kernel[grid](*args, **meta, **INTERP_TOPK_CONFIG)
+        grid = (triton.cdiv(B, INTERP_TOPK_CONFIG["BLOCK_M"]), n_tiles)
+        _encode_topk_kernel[grid](*args, BLOCK_TOPK=block_topk, BLOCK_N=block_n, **flags,
+                                  **INTERP_TOPK_CONFIG)
     else:
-        grid = lambda m: (triton.cdiv(B, m["BLOCK_M"]), n_spans)  # noqa: E731
-        (_encode_topk_ieee if _ieee(x, meta) else _encode_topk_tuned)[grid](*args, **meta)
+        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_tiles)  # noqa: E731
+        tuned = _encode_topk_ieee if _ieee(x, flags) else _encode_topk_tuned
+        tuned[grid](*args, BLOCK_TOPK=block_topk, BLOCK_N=block_n, **flags)
     keys = cand.topk(k, dim=1, sorted=False).values if n_cand > k else cand[:, :k]
-    del cand
     return _unpack_keys(keys)
 
 
@@ -296,7 +263,7 @@ def _topk_configs(configs):
 _IEEE = tuple(d for d in GEMM_DTYPES if d.endswith("ieee"))
 _TC = tuple(d for d in GEMM_DTYPES if not d.endswith("ieee"))
 _FWD_SIG = {"theta_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "F": "i32", "D": "i32"}
-_TOPK_SIG = {"cand_ptr": "*i64", "B": "i32", "F": "i32", "D": "i32", "n_cand": "i32", "n_sub": "i32"}
+_TOPK_SIG = {"cand_ptr": "*i64", "B": "i32", "F": "i32", "D": "i32", "n_cand": "i32"}
 
 
 def _fwd_configs(configs):
