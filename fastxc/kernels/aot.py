@@ -197,7 +197,10 @@ def run_ptxas(ptx: str, arch: str) -> dict:
     """Assemble ``ptx`` with the ptxas Triton uses for this arch, with Triton's flags and -v."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(ARCHS[arch]["cap"]).path
+    try:
+        ptxas = get_ptxas(ARCHS[arch]["cap"]).path
+    except TypeError:  # triton < 3.5: one ptxas for every arch, get_ptxas() takes no argument
+        ptxas = get_ptxas().path
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
