@@ -34,6 +34,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def build_parser(name: str):
+    """The argparse parser of ``fastxc NAME`` (each command module's ``build_parser()``; the
+    training command's lives in ``fastxc.train.config``), e.g. to list a command's flags."""
+    if name == "train":
+        from fastxc.train.config import build_parser as train_parser
+
+        return train_parser()
+    if name not in COMMANDS:
+        raise KeyError(f"unknown command {name!r}; expected one of {', '.join(COMMANDS)}")
+    return importlib.import_module(COMMANDS[name][0]).build_parser()
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``fastxc train``: ``fastxc.train.main`` with the embedded default (the organism's store)
     when neither --store nor --source is given, and the next commands printed after it.

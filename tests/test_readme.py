@@ -39,7 +39,6 @@ its README line and first command and showing the tail of its output.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shlex
@@ -195,17 +194,10 @@ def runnable_commands(block: Block) -> list[str]:
 
 # ----------------------------------------------------------------------------- flag check
 def command_parser(name: str):
-    """The parser of ``fastxc NAME`` (the training command's lives in fastxc.train.config)."""
-    from fastxc.cli import COMMANDS
+    """The parser of ``fastxc NAME`` (``fastxc.cli.build_parser``)."""
+    from fastxc.cli import build_parser
 
-    if name == "train":
-        from fastxc.train.config import build_parser
-
-        return build_parser()
-    module = importlib.import_module(COMMANDS[name][0])
-    build = getattr(module, "build_parser", None) or getattr(module, "_parser", None)
-    assert build is not None, f"{COMMANDS[name][0]} exposes no build_parser()"
-    return build()
+    return build_parser(name)
 
 
 def _options(parser) -> set[str]:

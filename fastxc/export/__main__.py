@@ -19,7 +19,7 @@ from fastxc.core.cli import Parser, report
 from fastxc.interop import FORMATS, InteropWarning, export_crosscoder, import_to_folder
 
 
-def _parser() -> Parser:
+def build_parser() -> Parser:
     p = Parser(prog="fastxc export", description=__doc__.split("\n")[0])
     p.add_argument("--crosscoder", default=None, metavar="DIR", help="export: the crosscoder folder (Crosscoder.save)")
     p.add_argument("--to", choices=FORMATS, default=None, help="export: the target format")
@@ -35,7 +35,7 @@ def _parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _parser()
+    p = build_parser()
     args = p.parse_args(argv)  # bad flags: "error: ..." and exit status 2
     exporting = args.crosscoder is not None or args.to is not None
     importing = args.from_format is not None or args.src is not None

@@ -18,7 +18,7 @@ from fastxc.core.cli import Parser, report
 from fastxc.data.store import MANIFEST, FORMAT, META_FILES, StoreReader, open_store, verify_checksums
 
 
-def _parser() -> Parser:
+def build_parser() -> Parser:
     p = Parser(prog="fastxc store", description=__doc__.split("\n")[0])
     p.add_argument("command", choices=["info", "validate"], help="what to do")
     p.add_argument("store", help="activation store directory")
@@ -87,7 +87,7 @@ def _print_info(info: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _parser()
+    p = build_parser()
     args = p.parse_args(argv)  # bad flags: "error: ..." and exit status 2
     if args.command == "info" and (args.checksums or args.no_progress):
         p.error("--checksums and --no-progress apply to validate")
