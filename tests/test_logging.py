@@ -49,18 +49,11 @@ def test_tensorboard_resume_drops_the_rewound_steps(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed: pip install 'fastxc[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fastxc.train import checkpoint
+    from test_rough_edges_train import interrupt_at_checkpoint
 
     out = tmp_path / "run"
     args = TINY + ["--steps", "40", "--checkpoint-every", "20", "--log", "tensorboard", "--out", str(out)]
-    real = checkpoint.save
-
-    def interrupted(out_, model, opt, ctx, state):
-        if state["step"] == 40:
-            raise KeyboardInterrupt
-        real(out_, model, opt, ctx, state)
-
-    monkeypatch.setattr(checkpoint, "save", interrupted)
+    interrupt_at_checkpoint(monkeypatch, 40)
     assert main(args) == 130
     monkeypatch.undo()
     assert main(args + ["--resume"]) == 0

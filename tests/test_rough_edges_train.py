@@ -15,6 +15,20 @@ from fastxc.train import checkpoint as ckpt_mod
 from fastxc.train import loop as train_loop
 from fastxc.train.command import main
 
+
+def interrupt_at_checkpoint(monkeypatch, step: int) -> None:
+    """Make training stop like Ctrl-C (exit 130) when it is about to write the checkpoint of
+    ``step``; the earlier checkpoints are written as usual."""
+    real = ckpt_mod.save
+
+    def interrupted(out, model, opt, ctx, state):
+        if state["step"] == step:
+            raise KeyboardInterrupt
+        real(out, model, opt, ctx, state)
+
+    monkeypatch.setattr(ckpt_mod, "save", interrupted)
+
+
 TINY = ["--source", "synthetic", "--widths", "16,16", "--n-features", "64", "--k", "4", "--batch-size", "64",
         "--synthetic-shared", "8", "--synthetic-unique", "8", "--no-progress"]
 
@@ -193,14 +207,7 @@ def test_resume_if_exists_starts_fresh_then_resumes(tmp_path, capsys, monkeypatc
     args = TINY + ["--steps", "30", "--checkpoint-every", "10", "--log-every", "10"]
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "run"
-    real = ckpt_mod.save
-
-    def interrupted(out_, model, opt, ctx, state):
-        if state["step"] == 20:
-            raise KeyboardInterrupt
-        real(out_, model, opt, ctx, state)
-
-    monkeypatch.setattr(ckpt_mod, "save", interrupted)
+    interrupt_at_checkpoint(monkeypatch, 20)
     assert main(args + ["--out", str(out), "--resume-if-exists"]) == 130  # no checkpoint: started fresh
     assert _step(out) == 10
     monkeypatch.undo()
