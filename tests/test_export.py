@@ -313,3 +313,24 @@ def test_bf16_compute_is_exported_with_a_warning(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("warning: the crosscoder computes in bfloat16"), err
     back = import_crosscoder("dictionary_learning", tmp_path / "dl")
     assert back.compute_dtype == torch.bfloat16 and torch.equal(back.W_enc, cc.W_enc)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_saved_and_exported_files_follow_the_umask(tmp_path, capsys, umask):
+    """Crosscoder.save and the exporters write safetensors readable as the umask says
+    (safetensors alone leaves every file 0600; fastxc.core.files.save_safetensors fixes it)."""
+    import os
+
+    cc = _crosscoder([16, 16], "relu", [1.0, 1.0])
+    old = os.umask(umask)
+    try:
+        cc.save(tmp_path / "cc")
+        rc, _, err = _export(capsys, "--crosscoder", tmp_path / "cc", "--to", "dictionary_learning",
+                             "--out", tmp_path / "dl")
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    files = [p for d in ("cc", "dl") for p in (tmp_path / d).iterdir()]
+    assert sum(p.suffix == ".safetensors" for p in files) == 2
+    modes = {p.name + "@" + p.parent.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

@@ -593,14 +593,14 @@ class Crosscoder(nn.Module):
         """Write ``path/config.json`` and ``path/model.safetensors`` (no pickle), atomically.
 
         Each file is written to a temporary name and renamed, so a crash never leaves a
-        half-written model that loads.
+        half-written model that loads; the weights get the mode the umask asks for.
         """
-        from safetensors.torch import save_file
+        from fastxc.core.files import save_safetensors
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        _atomic_write(path / "model.safetensors", lambda p: save_safetensors(tensors, p))
         cfg = json.dumps(self.config(), indent=2)
         _atomic_write(path / "config.json", lambda p: p.write_text(cfg))
         return path

@@ -37,10 +37,10 @@ class Bundle:
         return write_folder(out, self._fill, overwrite)
 
     def _fill(self, tmp: Path) -> None:
-        from safetensors.torch import save_file
+        from fastxc.core.files import save_safetensors
 
         for name, tensors in self.tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
         for name, obj in self.json.items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
 

@@ -12,8 +12,8 @@ Every writer builds ``checkpoint.tmp/`` beside and swaps it in (checkpoint -> ch
 checkpoint.tmp -> checkpoint, drop checkpoint.old), so at every instant one complete
 checkpoint exists; ``find_checkpoint`` also accepts ``checkpoint.old``. A write that fails
 (a full disk) removes ``checkpoint.tmp/`` and raises a one-line TrainError naming the intact
-checkpoint to resume from. Every file gets the mode the umask asks for (0644 under umask 022):
-safetensors writes through a private temporary file, which leaves it 0600.
+checkpoint to resume from. Every .safetensors goes through ``fastxc.core.files.save_safetensors``,
+so it gets the mode the umask asks for (0644 under umask 022), like the JSON beside it.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastxc.core.crosscoder import Crosscoder
+from fastxc.core.files import save_safetensors
 from fastxc.train import parallel
 from fastxc.train.config import TrainError
 from fastxc.train.feature_parallel import FeatureParallelCrosscoder, feature_slices
@@ -47,29 +48,6 @@ ROW_TENSORS = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")
 
 
 # ---------------------------------------------------------------------------- writing
-def _umask() -> int:
-    """The process umask, read without changing it where Linux shows it (threads may be creating files)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(path: Path) -> None:
-    """Give ``path`` (a file, or every file below a directory) mode 0666 minus the umask, as
-    ``open()`` would have: safetensors creates its files 0600."""
-    mode = 0o666 & ~_umask()
-    path = Path(path)
-    for p in [path] if path.is_file() else path.rglob("*"):
-        if p.is_file():
-            os.chmod(p, mode)
-
-
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -128,8 +106,6 @@ def _write_state(tmp: Path, opt: torch.optim.Optimizer, state: dict) -> None:
 
 def save_checkpoint(out: Path, model: Crosscoder, opt: torch.optim.Optimizer, state: dict) -> None:
     """Write ``out/checkpoint`` (the single-process format) atomically."""
-    from safetensors.torch import save_file
-
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -137,9 +113,8 @@ def save_checkpoint(out: Path, model: Crosscoder, opt: torch.optim.Optimizer, st
         sd = opt.state_dict()
         tensors = {f"state.{pid}.{name}": v.detach().contiguous().cpu() for pid, st in sd["state"].items() for name, v in st.items()}
         tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_safetensors(tensors, tmp / "optimizer.safetensors")
         _write_state(tmp, opt, state)
-        apply_umask(tmp)
         for p in tmp.rglob("*"):
             if p.is_file():
                 _fsync(p)
@@ -158,7 +133,6 @@ def save_model(out: Path, model: Crosscoder) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save(tmp)
-        apply_umask(tmp)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if _write_failure(e):
@@ -206,7 +180,6 @@ def save_sharded_checkpoint(out: Path, model: FeatureParallelCrosscoder, opt: to
                             ctx: DistContext) -> Path:
     """Write ``out/checkpoint`` from every rank (call on all ranks): rank{r}.safetensors each,
     then rank 0 writes manifest.json and state.json and swaps the directory in."""
-    from safetensors.torch import save_file
 
     sync_replicated(model, ctx)
     tmp = out / "checkpoint.tmp"
@@ -216,8 +189,7 @@ def save_sharded_checkpoint(out: Path, model: FeatureParallelCrosscoder, opt: to
     barrier(ctx)
     path = tmp / f"rank{ctx.rank}.safetensors"
     try:
-        save_file(_shard_tensors(model, opt), str(path))
-        apply_umask(path)
+        save_safetensors(_shard_tensors(model, opt), path)
         _fsync(path)
     except Exception as e:
         # This rank stops; the others fail at the next collective. The previous checkpoint is
