@@ -23,6 +23,7 @@ from fastxc.core.cli import Parser, report
 from fastxc.core.device import resolve_device
 from fastxc.core.crosscoder import Crosscoder
 from fastxc.analysis.hooks import AnalysisError, check_layer
+from fastxc.data.harvest import utf8_error
 from fastxc.data.models import config_dims, hidden_size, load_config, load_model, load_tokenizer
 
 log = logging.getLogger("fastxc.analysis.inputs")
@@ -313,10 +314,10 @@ def read_texts(path: str | Path, field: str = "text", limit: int | None = None) 
     out: list[str] = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            try:  # decoded line by line, so that a bad byte is reported with its line
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise AnalysisError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            why = utf8_error(raw)  # decoded line by line, so that a bad byte is reported with its line
+            if why is not None:
+                raise AnalysisError(f"{path}:{n}: {why}")
+            line = raw.decode("utf-8").rstrip("\r\n")
             if not line.strip():
                 continue
             if path.suffix in (".jsonl", ".json"):

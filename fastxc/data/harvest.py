@@ -139,6 +139,15 @@ class BadLines:
     first: int | None = None  # line number (1-based) of the first one
 
 
+def utf8_error(raw: bytes) -> str | None:
+    """Why the line ``raw`` is not UTF-8 ("not valid UTF-8 (byte 0xff at column 5)"), or None."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    return None
+
+
 def _line_kind(p: Path) -> str | None:
     """"text" or "json" for a file read line by line here; None for one left to ``datasets``
     (parquet, and a .json file holding one JSON document rather than JSON lines)."""
@@ -170,11 +179,8 @@ def _line_records(path: str, kind: str, skip_bad_lines: bool = False, bad: BadLi
     and counted in ``bad`` with ``skip_bad_lines``."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            why = None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                why = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            why = utf8_error(raw)
+            line = raw.decode("utf-8") if why is None else ""
             if why is None and kind == "text":
                 line = line[:-1] if line.endswith("\n") else line
                 line = line[:-1] if line.endswith("\r") else line
@@ -206,10 +212,9 @@ def _first_bad_utf8_line(path: Path) -> str | None:
     """"line N: ..." for the first line of ``path`` that is not UTF-8, or None."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            why = utf8_error(raw)
+            if why is not None:
+                return f"line {n}: {why}"
     return None
 
 
