@@ -20,7 +20,6 @@ import numpy as np
 
 from fastxc.train.config import TrainConfig, TrainError
 
-_PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 NRN_BINS = np.linspace(0.0, 1.0, 21)  # the NRN histogram's bins: 20 on [0, 1]
 WANDB_ID_FILE = "wandb-run-id"  # in --out: a resumed run logs to the same wandb run
 
@@ -34,7 +33,7 @@ def check_available(cfg: TrainConfig) -> None:
             else:
                 import wandb  # noqa: F401
         except ImportError:
-            raise TrainError(f"--log {name} needs the {_PACKAGE[name]} package: pip install 'fastxc[{name}]'") from None
+            raise TrainError(f"--log {name} needs the {name} package: pip install 'fastxc[{name}]'") from None
 
 
 def scalars(rec: dict, source_names: Sequence[str]) -> dict[str, float]:
