@@ -19,3 +19,32 @@ def _decode(fast, x, W, b, vals, idx):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_sparse_decode_fwd_bwd(benchmark, provider):
     bench_fwd_bwd(benchmark, "sparse_decode", provider, _decode)
+
+
+def _decode_layout(transposed: bool):
+    """One sparse_decode forward + backward with W_dec [F, D] row-major, or as the .T view of
+    a row-major [D, F] tensor (nn.Linear(F, D).weight), read in place: the two must time the
+    same (within 10%) and give identical results (tests/test_layout_inputs.py)."""
+    def step(fast, x, W, b, vals, idx):
+        Wd = W if not transposed else W.t()  # W here is the [D, F] leaf, passed as its .T view
+        (K.sparse_decode(vals, idx, Wd) * x).sum().backward()
+    return step
+
+
+@pytest.mark.parametrize("layout", ["fd", "df-view"])
+def test_sparse_decode_layout(benchmark, layout):
+    """sparse_decode fwd+bwd with W_dec [F, D] vs the .T view of a [D, F] tensor, same group."""
+    import kernel_bench as KB
+
+    transposed = layout == "df-view"
+    x, W, b, vals, idx = KB.setup()
+    if transposed:  # the same values, stored [D, F]
+        W = W.detach().t().contiguous().requires_grad_()
+    benchmark.group = f"sparse_decode-layout-fwd+bwd-B{KB.B}-D{KB.D}-F{KB.F}-k{KB.KK}-fp32"
+    step = _decode_layout(transposed)
+
+    def run():
+        W.grad = vals.grad = None
+        step(True, x, W, b, vals, idx)
+
+    benchmark.pedantic(run, rounds=KB.ROUNDS, warmup_rounds=1)

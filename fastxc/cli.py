@@ -3,7 +3,7 @@
     fastxc train [flags]        train a crosscoder (no flags: the embedded default)
     fastxc harvest [flags]      write an activation store from Hugging Face models
     fastxc organism [flags]     build (or reuse) the model organism
-    fastxc diff | reasoning | ablate | steer | geometry | eval | report [flags]
+    fastxc diff | reasoning | ablate | steer | geometry | eval | report | stability [flags]
     fastxc export | store [flags]   interop formats; the activation store's info and validate
 
 ``python -m fastxc <subcommand>`` is the same command; ``python -m fastxc.train`` is the
@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "harvest": ("fastxc.data.harvest", "harvest model activations into a store"),
     "organism": ("fastxc.organism.__main__", "build (or reuse) the model organism"),
     "diff": ("fastxc.analysis.diff", "decoder-norm diffing: NRN histogram, feature classes"),
+    "stability": ("fastxc.analysis.stability", "match features across crosscoders: fraction matched, NRN agreement"),
     "reasoning": ("fastxc.analysis.reasoning", "features active before reasoning markers"),
     "ablate": ("fastxc.analysis.ablate", "ablate features, measure the marker-logit change"),
     "steer": ("fastxc.analysis.steer", "steer generation with a feature or a direction"),
@@ -83,7 +84,11 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastxc`` console script; returns the exit code."""
+    from fastxc.core.cli import require_full_install
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    # a kernels-only install: one error line and exit status 2, before any command's imports
+    require_full_install("fastxc " + argv[0] if argv and argv[0] in COMMANDS else "fastxc")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(), end="")
         return 0 if argv else 2

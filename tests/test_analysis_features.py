@@ -253,14 +253,20 @@ def test_feature_direction_units(world):
     torch.testing.assert_close(d, (cc.W_dec[1, WIDTH:] + cc.W_dec[2, WIDTH:]).detach() / 4.0)
 
 
-def test_marker_stats_and_think_length():
+def test_marker_stats_and_think_length(world):
     from fastxc.analysis.steer import Generation, marker_stats
 
-    g = [Generation("p", "a Wait , b Thus c </think> d", 10, 6, True),
-         Generation("p", "Wait Wait Alternatively x", 6, 6, False)]
-    s = marker_stats(g)
+    tok = world["tok"]
+
+    def gen(text, n, think, closed):
+        return Generation("p", text, n, think, closed, tok(text, add_special_tokens=False)["input_ids"])
+
+    g = [gen("a Wait , b Thus c </think> d", 10, 6, True), gen("Wait Wait Alternatively x", 6, 6, False)]
+    s = marker_stats(g, tok)
     assert s["markers"]["self-reflection"] == 3 and s["markers"]["alternative"] == 1 and s["markers"]["deductive"] == 1
+    assert s["text_markers"] == s["markers"]
     assert s["rate"]["self-reflection"] == 3 / 16 and s["mean_think_tokens"] == 6 and s["close_rate"] == 0.5
+    assert s["coherence"] == {"closed": 0.5, "answered": 0.5, "correct": None}
 
 
 def test_diff_means_direction(world):
@@ -282,15 +288,15 @@ def test_steer_cli(world, tmp_path, capsys):
     cc = random_crosscoder([WIDTH, WIDTH], scales=world["reader"].scales).save(tmp_path / "cc")
     (tmp_path / "p.txt").write_text("he is\nso we add\n")
     rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
-               "--feature", "3", "--alphas", "0,4", "--max-new-tokens", "4", "--out", str(tmp_path / "o")])
+               "--feature", "3", "--multiples", "0,4", "--max-new-tokens", "4", "--out", str(tmp_path / "o")])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "o" / "steer.json").read_text())
-    assert [r["alpha"] for r in res["sweep"]] == [0.0, 4 * res["alpha_unit"]]
+    assert [(r["multiple"], r["alpha"]) for r in res["sweep"]] == [(0.0, 0.0), (4.0, 4 * res["unit"]["value"])]
     rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
-               "--diff-means", "self-reflection", "--alphas", "0,1", "--max-new-tokens", "3", "--out", str(tmp_path / "o2")])
+               "--diff-means", "self-reflection", "--multiples", "0,1", "--max-new-tokens", "3", "--out", str(tmp_path / "o2")])
     assert rc == 0, capsys.readouterr().err
     rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
-               "--feature", "auto:self-reflection", "--alphas", "0,1", "--max-new-tokens", "2", "--out", str(tmp_path / "o3")])
+               "--feature", "auto:self-reflection", "--multiples", "0,1", "--max-new-tokens", "2", "--out", str(tmp_path / "o3")])
     assert rc == 0, capsys.readouterr().err
     assert "most self-reflection-predictive feature of distilled" in capsys.readouterr().out
     bad = identity_crosscoder([8, 8]).save(tmp_path / "bad")

@@ -65,16 +65,20 @@ def test_steering_with_wait_feature_overthinks(organism):
     inp = organism["inp"]
     best, ranking = most_predictive_feature(inp, ["Wait"], source=1)
     mean_act = float(feature_activity(inp.crosscoder, inp.reader, n_top=1).mean_act[best])
-    prompts = [q + " <think>" for q in read_texts(organism["root"] / "corpus" / "heldout_traces.jsonl", "question", 50)]
+    heldout = organism["root"] / "corpus" / "heldout_traces.jsonl"
+    prompts = [q + " <think>" for q in read_texts(heldout, "question", 50)]
+    answers = read_texts(heldout, "answer", 50)
     mults = [0, 2, 4, 8]
     sweep = steer_sweep(inp.models()[1], inp.tokenizer(), prompts, inp.layer, feature_direction(inp.crosscoder, [best], 1),
-                        [m * mean_act for m in mults], {"self-reflection": ("Wait",)}, max_new_tokens=160,
+                        mults, {"self-reflection": ("Wait",)}, unit=mean_act, answers=answers, max_new_tokens=160,
                         temperature=0.7, seed=0)
     base = sweep[0]
     print(f"\nfeature {best} (F1 of firing vs next token Wait {ranking[0][1]:.3f}), mean activation {mean_act:.3f}")
-    for m, r in zip(mults, sweep):
-        print(f"  alpha {m} x mean: Wait/token {r['rate']['self-reflection']:.4f}, thinking {r['mean_think_tokens']:.1f} "
-              f"tokens, closed {r['close_rate']:.2f}")
+    for r in sweep:
+        c = r["coherence"]
+        print(f"  alpha {r['multiple']:g} x mean: Wait/token {r['rate']['self-reflection']:.4f} "
+              f"(text {r['text_rate']['self-reflection']:.4f}), thinking {r['mean_think_tokens']:.1f} tokens, "
+              f"closed {c['closed']:.2f}, answered {c['answered']:.2f}, correct {c['correct']:.2f}")
     hits = [r for r in sweep[1:] if r["rate"]["self-reflection"] >= 5 * base["rate"]["self-reflection"]]
     assert base["rate"]["self-reflection"] > 0 and hits, "no alpha <= 8 x mean activation raised Wait/token 5x"
     assert max(r["mean_think_tokens"] for r in hits) > base["mean_think_tokens"]

@@ -334,3 +334,50 @@ def test_saved_and_exported_files_follow_the_umask(tmp_path, capsys, umask):
     assert sum(p.suffix == ".safetensors" for p in files) == 2
     modes = {p.name + "@" + p.parent.name: oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+# --------------------------------------------------------------------------------------- jumprelu
+def _jumprelu(widths, scale):
+    """A jumprelu crosscoder with per-feature thresholds (between 0.05 and 0.5)."""
+    cc = Crosscoder(widths, 64, "jumprelu", source_names=[f"m{i}" for i in range(len(widths))])
+    g = torch.Generator().manual_seed(3)
+    cc.reset_parameters(g)
+    with torch.no_grad():
+        cc.W_enc.add_(torch.randn(cc.W_enc.shape, generator=g) * 0.05)
+        cc.b_enc.copy_(torch.randn(64, generator=g) * 0.1)
+        cc.b_dec.copy_(torch.randn(cc.d_total, generator=g) * 0.3)
+        cc.input_scale.copy_(torch.tensor(scale, dtype=torch.float32))
+        cc.log_threshold.copy_(torch.empty(64).uniform_(0.05, 0.5, generator=g).log())
+    return cc.eval()
+
+
+def test_saelens_jumprelu_per_feature_thresholds_round_trip(tmp_path, capsys):
+    cc = _jumprelu([24], [0.37])
+    export_crosscoder(cc, "saelens", tmp_path / "sae")
+    t = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    torch.testing.assert_close(t["threshold"], cc.log_threshold.detach().exp())
+    x = torch.randn(256, 24, generator=torch.Generator().manual_seed(1)) * 3
+    code, recon = _fastxc_apply(cc, x)
+    assert (code != 0).sum(1).float().mean() > 3
+    sae_lens = None
+    try:
+        import sae_lens
+    except ImportError:
+        pass
+    if sae_lens is not None:  # SAELens's own jumprelu: the same code (measured as the test above)
+        sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
+        assert sae.cfg.architecture() == "jumprelu"
+        with torch.no_grad():
+            code_sl = sae.encode(x)
+        assert torch.equal(code_sl != 0, code != 0) and _rel(code_sl, code) < 1e-6
+    back = import_crosscoder("saelens", tmp_path / "sae")
+    assert back.config() == cc.config()
+    torch.testing.assert_close(back.log_threshold, cc.log_threshold, rtol=0, atol=1e-6)
+    code_b, recon_b = _fastxc_apply(back.eval(), x)
+    assert torch.equal(code_b != 0, code != 0) and _rel(recon_b, recon) < 1e-6
+
+
+def test_dictionary_learning_refuses_jumprelu(tmp_path):
+    with pytest.raises(InteropError, match="no per-feature thresholds"):
+        export_crosscoder(_jumprelu([8, 8], [1.0, 1.0]), "dictionary_learning", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -199,7 +199,7 @@ def test_cli_builds_into_out_and_rejects_bad_flags(tmp_path, capsys):
 
 
 def test_sample_stops_at_eos_and_counts_tokens(tmp_path, monkeypatch):
-    from fastxc.organism.evaluate import heldout_questions, marker_report, sample
+    from fastxc.organism.evaluate import heldout_answers, heldout_questions, marker_report, sample
 
     monkeypatch.setenv("FASTXC_HOME", str(tmp_path))
     org = load_organism(OrganismConfig(seed=1, **TINY), progress=False, threads=1)
@@ -210,6 +210,10 @@ def test_sample_stops_at_eos_and_counts_tokens(tmp_path, monkeypatch):
         assert 1 <= c.n_tokens <= 12 and "<|endoftext|>" not in c.text and "<|pad|>" not in c.text
     r = marker_report(comps)
     assert r.tokens == sum(c.n_tokens for c in comps) and 0 <= r.close_rate <= 1
+    # markers are counted in the generated ids, which decode to the text
+    assert r.markers == sum(c.marker_tokens["Wait"] + c.marker_tokens["Alternatively"] for c in comps)
+    assert all(len(c.ids) in (c.n_tokens, c.n_tokens - 1) for c in comps)
+    assert marker_report(comps, answers=heldout_answers(org, 4)).correct_rate is not None
     with pytest.raises(ValueError, match="held-out"):
         heldout_questions(org, 10**6)
 

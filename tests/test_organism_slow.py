@@ -28,12 +28,12 @@ def test_organism_weights_are_the_recorded_ones(seed):
 def test_distilled_reflects_and_closes_think(seed):
     """Temperature 0.7 on 50 held-out questions, stopping at end of text: "Wait" and
     "Alternatively" per generated token >= 5x base's, and </think> on >= 95% of them."""
-    from fastxc.organism.evaluate import heldout_questions, marker_report, sample
+    from fastxc.organism.evaluate import heldout_answers, heldout_questions, marker_report, sample
 
     org = load_organism(OrganismConfig(seed=seed), progress=False)
-    qs = heldout_questions(org, 50)
-    base = marker_report(sample(org.base, qs, temperature=0.7, seed=seed))
-    dist = marker_report(sample(org.distilled, qs, temperature=0.7, seed=seed))
+    qs, answers = heldout_questions(org, 50), heldout_answers(org, 50)
+    base = marker_report(sample(org.base, qs, temperature=0.7, seed=seed), answers=answers)
+    dist = marker_report(sample(org.distilled, qs, temperature=0.7, seed=seed), answers=answers)
     print(f"\nseed {seed}: base {base}\nseed {seed}: distilled {dist}")
     assert dist.markers > 0
     assert dist.marker_rate >= 5 * base.marker_rate

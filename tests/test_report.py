@@ -18,6 +18,7 @@ import pytest
 from test_analysis import LAYER, WIDTH, random_crosscoder, shared_world
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
+LONG_COMPLETION = "Wait" * 600
 
 
 class _Checker(HTMLParser):
@@ -87,11 +88,14 @@ def runs(tmp_path_factory):
     write_json(root / "ablate" / "ablate.json", {"results": [r]})
     plot_ablation([r], root / "ablate" / "ablate.png")
     sweep = steer_sweep(inp.models()[1], tok, ["he is", "so we"], LAYER, feature_direction(cc, [2], 1), [0, 3],
-                        max_new_tokens=3)
+                        unit=0.5, max_new_tokens=3)
+    sweep[1]["samples"][0]["text"] = LONG_COMPLETION  # a runaway "Wait" loop: one unbroken word
     (root / "steer").mkdir()
     write_json(root / "steer" / "steer.json", {"direction": "feature 2", "steered_model": "distilled", "layer": LAYER,
-                                               "alpha_unit": 1.0, "alphas": [0, 3], "sweep": sweep})
-    plot_sweep(sweep, root / "steer" / "steer.png")
+                                               "unit": {"value": 0.5, "label": "multiple of the mean activation"},
+                                               "multiples": [0, 3], "alphas": [0, 1.5],
+                                               "correctness": "not judged: p.txt is plain text", "sweep": sweep})
+    plot_sweep(sweep, root / "steer" / "steer.png", xlabel="multiple of the mean activation")
     classes = {"gender": [("he", "she"), ("him", "her"), ("king", "queen"), ("man", "woman")]}
     geometry_analysis(inp.models(), inp.source_names, tok, LAYER, classes, dims=(2, 3), out=root / "geometry")
     (root / "eval").mkdir()
@@ -136,12 +140,24 @@ def test_report_errors(tmp_path, capsys):
     assert not (tmp_path / "x.html").exists()
 
 
+def test_report_steer_and_geometry_tables(runs, tmp_path):
+    from fastxc.analysis.report import build_report, find_sections
+
+    text = build_report(find_sections(runs), tmp_path / "page.html").read_text()
+    # long completions sit in a cell that wraps anywhere (a "WaitWait..." loop has no space to break at)
+    assert f'<div class="gen">{LONG_COMPLETION}</div>' in text
+    assert re.search(r"\.gen\{[^}]*white-space:pre-wrap;overflow-wrap:anywhere", text)
+    # the sweep's table gives multiples and alpha, coherence, and says correctness was not judged
+    assert "<th>multiple</th><th>alpha</th>" in text and "<td>not judged</td>" in text
+    assert "alpha = multiple x 0.500" in text and '<th class="l">x3</th>' in text
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def rendered_dom(page: Path) -> str:
+def rendered_dom(page: Path, *flags: str) -> str:
     """The page's DOM after it loaded in headless chromium (scripts run, images fetched)."""
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", *flags,
                         "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
@@ -162,3 +178,22 @@ def test_report_in_headless_chromium(runs, tmp_path):
     shutil.rmtree(tmp_path / "page1_files")
     dom = rendered_dom(tmp_path / "page1.html")
     assert re.search(r'<body[^>]*data-images="missing:6"', dom) and 'id="missing"' in dom
+
+
+# After load, record the page's scroll width against the window's width (test-only script).
+_MEASURE = ("<script>window.addEventListener('load', function () { document.body.setAttribute('data-fit', "
+            "document.documentElement.scrollWidth + 'x' + window.innerWidth); });</script></body>")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_long_completion_fits_the_window(runs, tmp_path):
+    """A 2400-character completion without a space wraps inside the page: no horizontal scroll."""
+    from fastxc.analysis.report import build_report, find_sections
+
+    out = build_report(find_sections(runs), tmp_path / "page.html")
+    out.write_text(out.read_text().replace("</body>", _MEASURE))
+    dom = rendered_dom(out, "--window-size=1000,800")
+    m = re.search(r'data-fit="(\d+)x(\d+)"', dom)
+    assert m, "the measuring script did not run"
+    scroll, inner = int(m[1]), int(m[2])
+    assert inner >= 900 and scroll <= inner, (scroll, inner)

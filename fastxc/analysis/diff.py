@@ -2,7 +2,9 @@
 
 RDN_k = ||W_dec[k, B]|| / ||W_dec[k, A]||  and  NRN_k = RDN_k / (1 + RDN_k) = |B| / (|A| + |B|).
 NRN ~ 0.5: shared; -> 1: unique to B; -> 0: unique to A. The seed study uses the L1 norm of the
-decoder vectors; ``ord=2`` gives the L2 variant.
+decoder vectors; ``ord=2`` gives the L2 variant. ``--latent-scaling`` checks the latents whose
+NRN calls them exclusive for the sparsity artefacts of Minder et al. 2025
+(``fastxc.analysis.latent_scaling``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastxc.analysis import latent_scaling as LS
 from fastxc.core.crosscoder import Crosscoder
 from fastxc.core.norms import (CLASS_NAMES, ONLY_A_MAX, ONLY_B_MIN, classify, decoder_cosine, relative_norms,
                                text_histogram)
@@ -151,17 +154,29 @@ ANNOTATION_PROMPT = (
 def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a: int = 0, b: int = 1,
                   ord: int = 1, only_a_max: float = ONLY_A_MAX, only_b_min: float = ONLY_B_MIN,
                   top_n: int = 20, n_examples: int = 5, n_rows: int | None = None,
-                  annotate: Callable[[dict], str] | None = None, activity: FeatureActivity | None = None) -> dict:
+                  annotate: Callable[[dict], str] | None = None, activity: FeatureActivity | None = None,
+                  latent_scaling: bool = False, exclusive_nrn: float = LS.EXCLUSIVE_NRN,
+                  nu_eps_max: float = LS.NU_EPS_MAX, nu_r_max: float = LS.NU_R_MAX, progress: bool = False) -> dict:
     """RDN/NRN/cosine per feature, classes, average NRN, the NRN histogram (PNG) and the top and
     bottom ``top_n`` live features by NRN with their top-activating contexts (JSONL).
 
     Live features: those that fire on the scanned store rows (all features without a store).
     Writes into ``out`` (when given): diff.json, nrn_hist.png, features.jsonl. Returns the summary.
+
+    ``latent_scaling=True`` (needs ``reader`` and equal widths of sources a and b) adds the latent
+    scaling of every latent (``fastxc.analysis.latent_scaling``): the verdict counts among the
+    latents with NRN > ``exclusive_nrn`` (and < 1 - it) in ``summary["latent_scaling"]``, each
+    exported record's nu_eps, nu_r and verdict, and latent_scaling.json (every latent) and
+    latent_scaling.png in ``out``.
     """
     from pathlib import Path
 
     from fastxc.analysis.inputs import write_json
 
+    if latent_scaling:  # before any work
+        LS.check_sources(model, a, b)
+        if reader is None:
+            raise ValueError("latent scaling needs the store the crosscoder was trained on (--store)")
     rn = relative_norms(model, a, b, ord)
     cos = decoder_cosine(model, a, b) if model.widths[a] == model.widths[b] else None
     if reader is not None and activity is None:
@@ -179,6 +194,11 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
         "classes": {n: int(((cls == i) & live).sum()) for i, n in enumerate(CLASS_NAMES)},
         "nrn_histogram_20": torch.histc(nrn_live, bins=20, min=0, max=1).int().tolist(),
     }
+    ls = verdict = None
+    if latent_scaling:
+        ls = LS.latent_scaling(model, reader, a, b, ord, n_rows, progress=progress)
+        verdict = LS.verdicts(ls, rn.nrn, exclusive_nrn, nu_eps_max, nu_r_max)
+        summary["latent_scaling"] = LS.summarize(verdict, rn.nrn, names, exclusive_nrn, nu_eps_max, nu_r_max, ls.rows)
     order = torch.argsort(torch.where(live, rn.nrn, torch.full_like(rn.nrn, float("nan"))).nan_to_num(-1.0), descending=True)
     n_live = int(live.sum())
     top = order[: min(top_n, n_live)].tolist()
@@ -196,6 +216,9 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
                 if tokenizer is not None and reader is not None and reader.tokens is not None and n_examples > 0:
                     rows = [r for r in activity.top_rows[k, :n_examples].tolist() if r >= 0]
                     rec["contexts"] = feature_contexts(model, reader, tokenizer, k, rows)
+            if ls is not None:
+                rec.update(nu_eps=LS.finite_or_none(ls.nu_eps[k]), nu_r=LS.finite_or_none(ls.nu_r[k]),
+                           verdict=verdict[k])
             rec["prompt"] = ANNOTATION_PROMPT
             records.append(rec)
     summary["top_features"] = top
@@ -205,6 +228,10 @@ def diff_analysis(model: Crosscoder, reader=None, tokenizer=None, out=None, *, a
         out.mkdir(parents=True, exist_ok=True)
         plot_nrn_histogram(nrn_live, out / "nrn_hist.png", names=names)
         export_features_jsonl(out / "features.jsonl", records, annotate)
+        if ls is not None:
+            write_json(out / "latent_scaling.json", {**summary["latent_scaling"], **LS.per_latent(ls, verdict, rn.nrn)})
+            LS.plot_latent_scaling(ls, verdict, rn.nrn, out / "latent_scaling.png", names, exclusive_nrn,
+                                   nu_eps_max, nu_r_max)
         write_json(out / "diff.json", summary)
     summary["records"] = records
     summary["nrn_text"] = text_histogram(nrn_live)  # the printed histogram: live features, like the JSON and PNG
@@ -222,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, default=20, help="features exported at each end of the NRN order")
     p.add_argument("--examples", type=int, default=5, help="top-activating contexts per exported feature")
     p.add_argument("--rows", type=int, default=None, help="store rows to scan (default: all)")
+    p.add_argument("--latent-scaling", action="store_true",
+                   help="check the latents NRN calls exclusive for L1 artefacts (Minder et al. 2025; needs --store)")
+    p.add_argument("--exclusive-nrn", type=float, default=LS.EXCLUSIVE_NRN,
+                   help="latent scaling checks latents with NRN above this or below 1 minus it")
+    p.add_argument("--nu-eps-max", type=float, default=LS.NU_EPS_MAX,
+                   help="nu_eps above this: complete shrinkage (the other model's error holds the latent)")
+    p.add_argument("--nu-r-max", type=float, default=LS.NU_R_MAX,
+                   help="nu_r above this: latent decoupling (the other model's reconstruction holds it)")
     return p
 
 
@@ -232,23 +267,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        if args.latent_scaling:  # checked before anything is loaded or written
+            if args.store is None:
+                raise ValueError("--latent-scaling needs --store (the store the crosscoder was trained on)")
+            if not 0.5 < args.exclusive_nrn < 1:
+                raise ValueError(f"--exclusive-nrn must lie in (0.5, 1), got {args.exclusive_nrn}")
+            for flag, v in (("--nu-eps-max", args.nu_eps_max), ("--nu-r-max", args.nu_r_max)):
+                if not v > 0:
+                    raise ValueError(f"{flag} must be > 0, got {v}")
         inp = inputs_from_args(args)
         cc = inp.crosscoder
         if cc.n_sources < 2:
             raise ValueError("diffing needs a crosscoder with at least 2 sources")
+        if args.latent_scaling:
+            LS.check_sources(cc)
         tok = None
         if inp.reader is not None and inp.reader.tokens is not None and args.examples > 0:
             tok = inp.tokenizer()
         out = out_dir(args, "runs/fastxc-diff")
         s = diff_analysis(cc, inp.reader, tok, out, ord=args.ord, only_a_max=args.only_a_max,
-                          only_b_min=args.only_b_min, top_n=args.top_n, n_examples=args.examples, n_rows=args.rows)
+                          only_b_min=args.only_b_min, top_n=args.top_n, n_examples=args.examples, n_rows=args.rows,
+                          latent_scaling=args.latent_scaling, exclusive_nrn=args.exclusive_nrn,
+                          nu_eps_max=args.nu_eps_max, nu_r_max=args.nu_r_max, progress=args.latent_scaling)
         a, b = s["sources"]
         print(f"live features {s['live_features']} / {s['n_features']}, mean NRN {s['nrn_mean']:.3f} "
               f"(NRN = |{b}| / (|{a}| + |{b}|), L{args.ord})")
         c = s["classes"]
         print(f"classes: shared {c['shared']}, only-{a} {c['only-A']}, only-{b} {c['only-B']}")
         print(s["nrn_text"])
-        print(f"wrote {out}/diff.json, nrn_hist.png, features.jsonl ({len(s['records'])} features)")
+        if "latent_scaling" in s:
+            for line in LS.summary_lines(s["latent_scaling"]):
+                print(line)
+        extra = ", latent_scaling.json, latent_scaling.png" if "latent_scaling" in s else ""
+        print(f"wrote {out}/diff.json, nrn_hist.png, features.jsonl{extra} ({len(s['records'])} features)")
         return 0
 
     return run_cli(body)

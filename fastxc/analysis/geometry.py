@@ -11,6 +11,12 @@ model reads ``[BOS] word`` (single-token words only, the seed's rule; " word" wi
 is preferred, as in running text). PCA is fitted per model on all the words it is evaluated on.
 The word-pair set shipped in ``fastxc/analysis/word_pairs.json``; users pass their own JSON
 ``{"class": [["a", "b"], ...]}``.
+
+A class is skipped for a model (and says so: JSON ``degenerate``, stdout, plot legend) where the
+model cannot tell the words of one side apart: all its first words, or all its second words,
+sit at one point (pairwise distances below ``DEGENERATE_TOL`` x the model's median distance
+between the evaluated words). A model whose digit embeddings are all zero would otherwise score
+a perfect loss 0 on "successor" (1:2 :: 2:3 is then 0 - 0 - 0 + 0).
 CLI: ``python -m fastxc.analysis.geometry --model-a A --model-b B --layer L [--pairs FILE] [--dims 2,10,20]``.
 """
 from __future__ import annotations
@@ -29,6 +35,10 @@ from fastxc.data.models import pad_batch
 
 DEFAULT_PAIRS = Path(__file__).parent / "word_pairs.json"
 DEFAULT_DIMS = (2, 10, 20)
+# Relative distance below which words' activations count as one point. Measured on the organism
+# (recipe v4, seed 0, layer 2): base's zeroed digit embeddings spread 2.2e-8 of the median word
+# distance (float32 rounding); the closest two distinct words of either model sit 0.156 apart.
+DEGENERATE_TOL = 1e-3
 
 
 def parallelogram_loss(Ea: torch.Tensor, Eb: torch.Tensor, Ec: torch.Tensor, Ed: torch.Tensor) -> torch.Tensor:
@@ -73,10 +83,14 @@ def load_word_pairs(path: str | Path | None = None) -> dict[str, list[tuple[str,
 
 
 def single_token_id(tokenizer, word: str) -> int | None:
-    """The id of `` word`` (preferred) or ``word`` when it is one token, else None."""
+    """The id of `` word`` (preferred) or ``word`` when it is one token, else None.
+
+    The token must decode back to the word: an unknown word that a word-level vocabulary maps to
+    its unknown token is no token of the word.
+    """
     for form in (" " + word, word):
         ids = tokenizer(form, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
+        if len(ids) == 1 and tokenizer.decode(ids).strip() == word:
             return int(ids[0])
     return None
 
@@ -98,6 +112,18 @@ def usable_pairs(tokenizer, classes: dict, min_pairs: int = 2) -> tuple[dict, di
         if len(ok) >= min_pairs:
             kept[name] = ok
     return kept, {w: ids[w] for name in kept for p in kept[name] for w in p}
+
+
+def pair_coverage(tokenizer, classes: dict) -> dict[str, dict]:
+    """Per class: pairs given, pairs usable (both words single tokens, distinct), and the words
+    that are not single tokens for this tokenizer."""
+    out = {}
+    for name, pairs in classes.items():
+        tid = {w: single_token_id(tokenizer, w) for p in pairs for w in p}
+        usable = sum(tid[a] is not None and tid[b] is not None and tid[a] != tid[b] for a, b in pairs)
+        out[name] = {"pairs": len(pairs), "usable": int(usable),
+                     "not_single_tokens": sorted(w for w, t in tid.items() if t is None)}
+    return out
 
 
 @torch.no_grad()
@@ -126,11 +152,40 @@ def class_losses(E: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]]) -
     return parallelogram_loss(a.double(), b.double(), c.double(), d.double()).float()
 
 
+def degenerate_classes(X: torch.Tensor, words: Sequence[str], classes: dict,
+                       tol: float = DEGENERATE_TOL) -> dict[str, str]:
+    """Classes whose first or second words collapse to one point in activations X [n_words, d].
+
+    Returns {class: reason}. The scale is the median distance between distinct evaluated words.
+    """
+    D = torch.cdist(X.double(), X.double())
+    off = D[~torch.eye(len(words), dtype=torch.bool)]
+    scale = float(off.median()) if off.numel() else 0.0
+    if scale == 0.0:  # most words at one point: nothing in this model can be compared
+        return {c: "the model maps most evaluated words to one point" for c in classes}
+    at = {w: i for i, w in enumerate(words)}
+    out = {}
+    for cls, pairs in classes.items():
+        for side, name in ((0, "first"), (1, "second")):
+            idx = sorted({at[p[side]] for p in pairs})
+            if len(idx) < 2:
+                continue
+            spread = float(D[idx][:, idx].max()) / scale
+            if spread < tol:
+                ws = sorted({p[side] for p in pairs})
+                out[cls] = (f"all {len(ws)} {name} words ({', '.join(ws[:6])}{', ...' if len(ws) > 6 else ''}) "
+                            f"are one point (spread {spread:.1e} of the median word distance)")
+                break
+    return out
+
+
 def geometry_analysis(models: Sequence, names: Sequence[str], tokenizer, layer: int, classes: dict | None = None,
                       dims: Sequence[int] = DEFAULT_DIMS, out: str | Path | None = None) -> dict:
     """Parallelogram losses per class, model and PCA dimension (+ one CDF PNG per dimension).
 
-    Returns {"classes": {class: pairs}, "losses": {dims: {class: {model: [losses]}}}, "median": ...}.
+    Returns {"classes": {class: pairs}, "losses": {dims: {class: {model: [losses] or None}}},
+    "median": ..., "degenerate": {model: {class: reason}}}: None where the class is degenerate
+    for that model (see ``degenerate_classes``).
     """
     classes = load_word_pairs(None) if classes is None else classes
     kept, ids = usable_pairs(tokenizer, classes)
@@ -140,8 +195,11 @@ def geometry_analysis(models: Sequence, names: Sequence[str], tokenizer, layer: 
     if any(k > len(words) for k in dims):
         raise AnalysisError(f"PCA to {max(dims)} dims needs at least that many words; only {len(words)} are single tokens")
     res = {"classes": {k: [list(p) for p in v] for k, v in kept.items()}, "skipped": sorted(set(classes) - set(kept)),
-           "models": list(names), "layer": layer, "n_words": len(words), "losses": {}, "median": {}}
+           "coverage": pair_coverage(tokenizer, classes), "models": list(names), "layer": layer,
+           "n_words": len(words), "degenerate": {}, "losses": {}, "median": {}}
     acts = [word_activations(m, tokenizer, layer, [ids[w] for w in words]) for m in models]
+    for name, a in zip(names, acts):
+        res["degenerate"][name] = degenerate_classes(a, words, kept)
     for k in dims:
         res["losses"][str(k)] = {}
         res["median"][str(k)] = {}
@@ -150,6 +208,10 @@ def geometry_analysis(models: Sequence, names: Sequence[str], tokenizer, layer: 
             res["losses"][str(k)][cls] = {}
             res["median"][str(k)][cls] = {}
             for name, R in zip(names, reduced):
+                if cls in res["degenerate"][name]:  # no loss: 0 here would read as a perfect model
+                    res["losses"][str(k)][cls][name] = None
+                    res["median"][str(k)][cls][name] = None
+                    continue
                 E = {w: R[i] for i, w in enumerate(words)}
                 L = class_losses(E, pairs)
                 res["losses"][str(k)][cls][name] = L.tolist()
@@ -165,11 +227,12 @@ def geometry_analysis(models: Sequence, names: Sequence[str], tokenizer, layer: 
     return res
 
 
-def plot_cdf(losses: dict, path: Path, title: str) -> Path:
-    """Seed Figure 4: cumulative fraction against parallelogram loss, one panel per class."""
+def cdf_figure(losses: dict, title: str | None = None):
+    """Seed Figure 4: cumulative fraction against parallelogram loss, one panel per class. A
+    model whose losses are None (degenerate class) gets a legend entry saying it was skipped."""
     import math
 
-    from fastxc.analysis.inputs import pyplot, savefig
+    from fastxc.analysis.inputs import pyplot
 
     plt = pyplot()
     cls = list(losses)
@@ -178,8 +241,11 @@ def plot_cdf(losses: dict, path: Path, title: str) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), squeeze=False)
     for ax, c in zip(axes.flat, cls):
         for name, L in losses[c].items():
+            if L is None:
+                ax.plot([], [], ls="none", label=f"{name}: skipped (degenerate)")
+                continue
             v = np.sort(np.asarray(L))
-            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=name)
+            ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=f"{name} ({len(v)} quads)")
         ax.set_title(c, fontsize=9)
         ax.set_xlim(0, 1.5)
         ax.set_xlabel("parallelogram loss", fontsize=8)
@@ -187,7 +253,16 @@ def plot_cdf(losses: dict, path: Path, title: str) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(cls):]:
         ax.axis("off")
-    return savefig(fig, path, title, title_size=10)
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_cdf(losses: dict, path: Path, title: str) -> Path:
+    """``cdf_figure`` saved as PNG."""
+    from fastxc.analysis.inputs import savefig
+
+    return savefig(cdf_figure(losses, title), path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in dims:
             print(f"PCA {k}D: median parallelogram loss")
             for c, per in res["median"][str(k)].items():
-                print(f"  {c:16s} " + "  ".join(f"{n} {v:.3f}" for n, v in per.items()))
+                print(f"  {c:16s} " + "  ".join(f"{n} {'skipped' if v is None else f'{v:.3f}'}" for n, v in per.items()))
+        for name, bad in res["degenerate"].items():
+            for c, why in bad.items():
+                print(f"skipped for {name}: {c}: {why}")
+        for c, cov in res["coverage"].items():
+            if cov["not_single_tokens"]:
+                print(f"{c}: {cov['usable']} of {cov['pairs']} pairs usable; not single tokens: "
+                      f"{', '.join(cov['not_single_tokens'])}")
         if res["skipped"]:
             print(f"skipped (fewer than 2 single-token pairs): {', '.join(res['skipped'])}")
         print(f"wrote {out}/geometry.json, geometry_pca*.png")

@@ -1,6 +1,7 @@
 """Reasoning categories (seed section 5): the features active at reasoning markers and their NRN.
 
-A category is a set of marker words (defaults below). Its positions are the store rows whose
+A category is a set of marker words (defaults below), each matched by its whole token spelling
+(``marker_sequences``). Its positions are the store rows whose
 *next* token is a marker (``at="before"``: the position that predicts the marker, where
 ablating features changes the marker's logit) or the marker tokens themselves (``at="on"``).
 For each category: how often each feature fires there, which features are active, and the NRN
@@ -50,35 +51,88 @@ def load_categories(spec: str | Path | dict | None) -> dict[str, tuple[str, ...]
     return out
 
 
-def marker_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """Token ids that start a marker word in running text ("Wait", " Wait", "Wait,", ...).
+def _is_space(tokenizer, token_id: int) -> bool:
+    return not tokenizer.decode([token_id]).strip()
 
-    A word that splits into several tokens is identified by its first token when that token
-    carries at least 3 characters of the word (a bare "W" would match far too much).
+
+def marker_sequences(tokenizer, words: Sequence[str]) -> list[tuple[int, ...]]:
+    """The token-id sequences that spell a marker word in running text, longest first.
+
+    Each word is encoded alone, after a space and after a line break ("Wait", " Wait",
+    "\nWait"); leading whitespace-only tokens are dropped, and what is left must decode to the
+    word itself (a multi-token word such as "How" + "ever" is one sequence of two ids). A form
+    with a comma ("Wait,") counts too where the tokenizer merges the comma into the word's last
+    token. "WaitWait" is two occurrences of ("Wait",).
     """
-    ids: set[int] = set()
+    seqs: set[tuple[int, ...]] = set()
     for w in words:
-        for text in (w, " " + w, w + ",", " " + w + ","):
-            enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for text in (w, " " + w, "\n" + w, w + ",", " " + w + ","):
+            enc = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+            while enc and _is_space(tokenizer, enc[0]):
+                enc = enc[1:]
             if not enc:
                 continue
-            first = tokenizer.decode([enc[0]]).strip().rstrip(",")
-            if first == w or (len(first) >= 3 and w.startswith(first)):
-                ids.add(int(enc[0]))
-    return sorted(ids)
+            spelled = tokenizer.decode(enc).strip()
+            comma_merged = tokenizer.decode(enc[-1:]).strip() != ","
+            if spelled == w or (spelled == w + "," and comma_merged):
+                seqs.add(tuple(enc))
+    return sorted(seqs, key=lambda q: (-len(q), q))
+
+
+def marker_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """Ids of the first token of each marker spelling (see ``marker_sequences``)."""
+    return sorted({q[0] for q in marker_sequences(tokenizer, words)})
+
+
+def marker_starts(ids, seqs: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """Positions in ``ids`` [n] where a marker spelling starts (non-overlapping, longest first): int64 [m]."""
+    ids = np.asarray(ids)
+    n = len(ids)
+    taken = np.zeros(n, dtype=bool)
+    starts = []
+    for q in sorted(seqs, key=len, reverse=True):
+        L = len(q)
+        if L > n:
+            continue
+        hit = np.ones(n - L + 1, dtype=bool)
+        for j, t in enumerate(q):  # ids[i + j] == q[j] for every j
+            hit &= ids[j : n - L + 1 + j] == t
+        cand = np.flatnonzero(hit)
+        claimed = np.concatenate([[0], np.cumsum(taken)])
+        cand = cand[claimed[cand + L] == claimed[cand]]  # a longer spelling already holds these tokens
+        if L > 1:  # a spelling may overlap itself ("a a" in "a a a"): keep the leftmost
+            keep, end = [], -1
+            for i in cand:
+                if i >= end:
+                    keep.append(i)
+                    end = i + L
+            cand = np.asarray(keep, dtype=np.int64)
+        for j in range(L):
+            taken[cand + j] = True
+        starts.append(cand)
+    return np.sort(np.concatenate(starts)).astype(np.int64) if starts else np.zeros(0, dtype=np.int64)
+
+
+def count_marker_tokens(ids: Sequence[int], seqs: Sequence[tuple[int, ...]]) -> int:
+    """Marker occurrences in a list of generated token ids (each spelling counted once)."""
+    return len(marker_starts(ids, seqs))
 
 
 def marker_rows(reader, tokenizer, words: Sequence[str], at: str = "before") -> np.ndarray:
-    """Store rows of a category: before a marker (next token is one) or on it. int64 [n]."""
+    """Store rows of a category: before a marker (next token starts one) or on its first token. int64 [n].
+
+    A multi-token marker counts only where its whole spelling follows ("How" alone is not "However").
+    """
     if at not in POSITIONS:
         raise AnalysisError(f"at must be one of {POSITIONS}, got {at!r}")
     tokens = reader.tokens
     if tokens is None:
         raise AnalysisError(f"store {reader.path} keeps no token ids: cannot find marker positions")
-    ids = marker_token_ids(tokenizer, words)
-    if not ids:
+    seqs = marker_sequences(tokenizer, words)
+    if not seqs:
         raise AnalysisError(f"the tokenizer has no token for the markers {list(words)}")
-    hit = np.isin(tokens, np.asarray(ids, dtype=tokens.dtype))
+    hit = np.zeros(len(tokens), dtype=bool)
+    hit[marker_starts(tokens, seqs)] = True
     if at == "on":
         return np.flatnonzero(hit).astype(np.int64)
     nxt = np.zeros_like(hit)
@@ -113,30 +167,44 @@ def category_activity(cc: Crosscoder, reader, rows: np.ndarray, min_freq: float 
     return CategoryActivity(rows, freq, mean, active)
 
 
-def plot_category_nrn(results: dict, path: Path, names: Sequence[str]) -> Path:
-    """One panel per category: histogram of the NRN of its active features (count and
-    frequency-weighted)."""
-    from fastxc.analysis.inputs import pyplot, savefig
+def category_nrn_figure(results: dict, names: Sequence[str]):
+    """One panel per category: histogram of the NRN of its active features (count, left axis)
+    and the same weighted by each feature's firing frequency there (right axis). Returns the Figure."""
+    from fastxc.analysis.inputs import pyplot
 
     plt = pyplot()
     cats = list(results)
     cols = min(len(cats), 4)
     rows = math.ceil(len(cats) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows), squeeze=False)
     for ax, c in zip(axes.flat, cats):
         r = results[c]
         nrn = np.asarray(r["active_nrn"], dtype=float)
         w = np.asarray(r["active_freq"], dtype=float)
         ok = ~np.isnan(nrn)
-        ax.hist(nrn[ok], bins=20, range=(0, 1), color="#4477aa", alpha=0.75, label="features")
+        ax.hist(nrn[ok], bins=20, range=(0, 1), color="#4477aa", alpha=0.75, label="active features (left)")
         ax2 = ax.twinx()
-        ax2.hist(nrn[ok], bins=20, range=(0, 1), weights=w[ok], histtype="step", color="#cc3311", label="x frequency")
+        ax2.hist(nrn[ok], bins=20, range=(0, 1), weights=w[ok], histtype="step", color="#cc3311",
+                 label="weighted by firing frequency (right)")
         ax.set_title(f"{c} ({r['n_positions']} pos., {len(nrn)} feat.)", fontsize=9)
         ax.set_xlabel(f"NRN (0 {names[0]}, 1 {names[1]})", fontsize=8)
+        ax.set_ylabel("active features", fontsize=8)
+        ax2.set_ylabel("sum of firing frequencies", fontsize=8, color="#cc3311")
         ax.axvline(0.5, color="grey", lw=0.5, ls="--")
+        # one legend for both axes (a twin axis keeps its own handles)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
     for ax in list(axes.flat)[len(cats):]:
         ax.axis("off")
-    return savefig(fig, path)
+    return fig
+
+
+def plot_category_nrn(results: dict, path: Path, names: Sequence[str]) -> Path:
+    """``category_nrn_figure`` saved as PNG."""
+    from fastxc.analysis.inputs import savefig
+
+    return savefig(category_nrn_figure(results, names), path)
 
 
 def reasoning_analysis(cc: Crosscoder, reader, tokenizer, categories: dict | None = None, at: str = "before",

@@ -34,7 +34,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
-.ctx{font-family:ui-monospace,Menlo,monospace;font-size:.85em;white-space:pre-wrap;margin:.15em 0}
+.ctx{font-family:ui-monospace,Menlo,monospace;font-size:.85em;white-space:pre-wrap;overflow-wrap:anywhere;margin:.15em 0}
+.gen{font-family:ui-monospace,Menlo,monospace;font-size:.85em;white-space:pre-wrap;overflow-wrap:anywhere;text-align:left}
 .tok{border-radius:2px}.focus{outline:1px solid #c00}.muted{color:#777;font-size:.9em}
 #missing{background:#fee;border:1px solid #c00;padding:.5em}
 """
@@ -173,28 +174,42 @@ def _ablate_section(d: Path, img: _Images) -> str:
     return s
 
 
+def _frac(v) -> str:
+    return "not judged" if v is None else _num(v, "{:.2f}")
+
+
 def _steer_section(d: Path, img: _Images) -> str:
     r = read_json(d / "steer.json")
     sweep = r["sweep"]
     cats = list(sweep[0]["rate"]) if sweep else []
-    rows = [[_num(x["alpha"]), _num(x["mean_think_tokens"], "{:.1f}"), _num(x["close_rate"], "{:.2f}")]
-            + [_num(x["rate"][c], "{:.4f}") for c in cats] for x in sweep]
+    unit = r.get("unit", {})
+    rows = [[_num(x["multiple"], "{:g}"), _num(x["alpha"]), _num(x["mean_think_tokens"], "{:.1f}"),
+             _frac(x["coherence"]["closed"]), _frac(x["coherence"]["answered"]), _frac(x["coherence"]["correct"])]
+            + [f'{_num(x["rate"][c], "{:.4f}")} ({_num(x["text_rate"][c], "{:.4f}")})' for c in cats] for x in sweep]
     s = f"<p>Steering {_esc(r['steered_model'])} at layer {r['layer']} with {_esc(r['direction'])}.</p>"
-    s += _table(["alpha", "thinking tokens", "closed"] + [f"{c} / token" for c in cats], rows, left=0)
+    s += (f"<p>Strength: {_esc(unit.get('label', 'multiple'))}; alpha = multiple x {_num(unit.get('value'))}. "
+          f"Markers are counted as tokens of the generated ids (in brackets: occurrences in the text). "
+          f"Answers {_esc(r.get('correctness', ''))}.</p>")
+    s += _table(["multiple", "alpha", "thinking tokens", "closed", "answered", "correct"]
+                + [f"{c} / token" for c in cats], rows, left=0)
     s += img.tag(d / "steer.png", "steering sweep")
     if sweep and sweep[0]["samples"]:
         base, top = sweep[0], sweep[-1]
-        rows = [[_esc(base["samples"][j]["prompt"]), _esc(base["samples"][j]["text"]), _esc(top["samples"][j]["text"])]
+        rows = [[_esc(base["samples"][j]["prompt"])] + [f'<div class="gen">{_esc(x["samples"][j]["text"])}</div>'
+                                                       for x in (base, top)]
                 for j in range(min(3, len(base["samples"])))]
-        s += _table(["prompt", f"alpha {base['alpha']:.3g}", f"alpha {top['alpha']:.3g}"], rows, left=3)
+        s += _table(["prompt", f"x{base['multiple']:g}", f"x{top['multiple']:g}"], rows, left=3)
     return s
 
 
 def _geometry_section(d: Path, img: _Images) -> str:
     r = read_json(d / "geometry.json")
     s = ""
+    for name, bad in r.get("degenerate", {}).items():
+        for c, why in bad.items():
+            s += f'<p class="muted">{_esc(c)} skipped for {_esc(name)}: {_esc(why)}.</p>'
     for k, per in r["median"].items():
-        rows = [[_esc(c)] + [_num(v) for v in m.values()] for c, m in per.items()]
+        rows = [[_esc(c)] + ["skipped" if v is None else _num(v) for v in m.values()] for c, m in per.items()]
         s += f"<h3>PCA {k}D: median parallelogram loss</h3>" + _table(["class"] + list(r["models"]), rows)
         s += img.tag(d / f"geometry_pca{k}.png", f"parallelogram loss PCA {k}D")
     return s

@@ -11,14 +11,23 @@ Directions, all in the model's raw residual units [d]:
   model of the same width.
 
 The direction is added (times alpha) to the input of layer L at every position, prompt and
-generated tokens alike. CLI: ``python -m fastxc.analysis.steer --crosscoder DIR --store DIR --feature K
---prompts FILE``.
+generated tokens alike. A sweep is given as multiples of a unit (alpha = multiple x unit): the
+features' mean activation where they fire, or the difference of means itself (its norm); the
+JSON records both the multiple and alpha.
+
+Markers are counted as tokens: occurrences of each marker's token spelling in the generated ids
+("WaitWait" is two), with substring occurrences in the decoded text beside them as a cross-check.
+Coherence is reported with the rates: the fraction of generations whose ``</think>`` closed,
+that gave an answer after it, and (where the prompts come with answers) whose answer is right.
+CLI: ``python -m fastxc.analysis.steer --crosscoder DIR --store DIR --feature K --prompts FILE
+--multiples 0,1,2,4,8``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import re
+import itertools
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +40,7 @@ from fastxc.analysis.inputs import decoder_slice
 from fastxc.core.crosscoder import Crosscoder
 from fastxc.analysis.hooks import AnalysisError, edit_residual
 from fastxc.data.models import hidden_size
-from fastxc.analysis.reasoning import DEFAULT_CATEGORIES, marker_rows
+from fastxc.analysis.reasoning import DEFAULT_CATEGORIES, count_marker_tokens, marker_rows, marker_sequences
 
 THINK_CLOSE = "</think>"
 
@@ -128,6 +137,7 @@ class Generation:
     n_tokens: int  # generated tokens (EOS included)
     think_tokens: int  # tokens until </think> (n_tokens when it never closes)
     closed: bool  # </think> was generated
+    ids: list[int]  # generated token ids (EOS and padding removed): what the marker counts read
 
 
 @torch.no_grad()
@@ -168,61 +178,160 @@ def generate(model, tokenizer, prompts: Sequence[str], layer: int, direction: to
                 text_so_far = tokenizer.decode(body, skip_special_tokens=False)
                 closed = THINK_CLOSE in text_so_far
                 think = len(row) if not closed else len(tokenizer(text_so_far.split(THINK_CLOSE)[0], add_special_tokens=False)["input_ids"])
-            out.append(Generation(p, tokenizer.decode(body, skip_special_tokens=False), len(row), think, closed))
+            out.append(Generation(p, tokenizer.decode(body, skip_special_tokens=False), len(row), think, closed, body))
     return out
 
 
-def count_words(text: str, words: Sequence[str]) -> int:
-    return len(re.findall(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", text))
+def count_text(text: str, words: Sequence[str]) -> int:
+    """Substring occurrences of the words in ``text`` (no word boundary: "WaitWait" is 2).
+
+    The cross-check of the token counts: it also sees a marker spelled by unusual tokens, and
+    also counts a marker inside a longer word ("Butter" holds "But").
+    """
+    return sum(text.count(w) for w in words)
 
 
-def marker_stats(gens: Sequence[Generation], categories: dict | None = None) -> dict:
-    """Thinking length, close rate and marker counts / rates per generated token."""
+def answer_of(text: str) -> str | None:
+    """The answer a generation gave: its first line after ``</think>``, stripped (None when the
+    think block never closed; "" when nothing follows it)."""
+    if THINK_CLOSE not in text:
+        return None
+    rest = text.split(THINK_CLOSE, 1)[1].strip()
+    return rest.split("\n", 1)[0].strip()
+
+
+def _norm_answer(a: str) -> str:
+    return " ".join(a.strip().rstrip(".").split()).casefold()
+
+
+def is_correct(answer: str | None, expected: str) -> bool:
+    """The given answer equals the expected one (case, surrounding spaces and a final '.' ignored)."""
+    return answer is not None and _norm_answer(answer) == _norm_answer(expected)
+
+
+def coherence(gens: Sequence[Generation], answers: Sequence[str] | None = None) -> dict:
+    """Fractions of the generations whose </think> closed, that answered after it and (when
+    ``answers`` [len(gens)] is given) whose answer is correct; ``correct`` is None otherwise."""
+    if answers is not None and len(answers) != len(gens):
+        raise AnalysisError(f"{len(answers)} answers for {len(gens)} generations")
+    n = max(len(gens), 1)
+    given = [answer_of(g.text) for g in gens]
+    c = {"closed": sum(g.closed for g in gens) / n, "answered": sum(bool(a) for a in given) / n, "correct": None}
+    if answers is not None:
+        c["correct"] = sum(is_correct(a, e) for a, e in zip(given, answers)) / n
+    return c
+
+
+def marker_stats(gens: Sequence[Generation], tokenizer, categories: dict | None = None,
+                 answers: Sequence[str] | None = None) -> dict:
+    """Thinking length, coherence, and per category the marker tokens in the generated ids
+    (``markers``, ``rate`` per generated token) with the text occurrences beside them
+    (``text_markers``, ``text_rate``)."""
     cats = categories or DEFAULT_CATEGORIES
     tokens = sum(g.n_tokens for g in gens)
     n = max(len(gens), 1)
+    coh = coherence(gens, answers)
     s = {"n": len(gens), "tokens": tokens, "mean_tokens": tokens / n,
-         "mean_think_tokens": sum(g.think_tokens for g in gens) / n,
-         "close_rate": sum(g.closed for g in gens) / n, "markers": {}, "rate": {}}
+         "mean_think_tokens": sum(g.think_tokens for g in gens) / n, "close_rate": coh["closed"],
+         "coherence": coh, "markers": {}, "rate": {}, "text_markers": {}, "text_rate": {}}
     for name, words in cats.items():
-        c = sum(count_words(g.text, words) for g in gens)
-        s["markers"][name] = c
-        s["rate"][name] = c / max(tokens, 1)
+        seqs = marker_sequences(tokenizer, words)
+        if not seqs:
+            raise AnalysisError(f"the tokenizer has no token for the markers {list(words)}")
+        c = sum(count_marker_tokens(g.ids, seqs) for g in gens)
+        t = sum(count_text(g.text, words) for g in gens)
+        s["markers"][name], s["rate"][name] = c, c / max(tokens, 1)
+        s["text_markers"][name], s["text_rate"][name] = t, t / max(tokens, 1)
     return s
 
 
 def steer_sweep(model, tokenizer, prompts: Sequence[str], layer: int, direction: torch.Tensor,
-                alphas: Sequence[float], categories: dict | None = None, **gen_kw) -> list[dict]:
-    """``marker_stats`` of the generations at each alpha (alpha 0: the unsteered run)."""
+                multiples: Sequence[float], categories: dict | None = None, *, unit: float = 1.0,
+                answers: Sequence[str] | None = None, **gen_kw) -> list[dict]:
+    """``marker_stats`` of the generations at each multiple (alpha = multiple x ``unit``;
+    multiple 0 is the unsteered run). ``answers`` [len(prompts)]: expected answers, if known."""
     res = []
-    for a in alphas:
-        gens = generate(model, tokenizer, prompts, layer, direction, float(a), **gen_kw)
-        res.append({"alpha": float(a), **marker_stats(gens, categories), "samples": [asdict(g) for g in gens]})
+    for m in multiples:
+        a = float(m) * float(unit)
+        gens = generate(model, tokenizer, prompts, layer, direction, a, **gen_kw)
+        res.append({"multiple": float(m), "alpha": a, **marker_stats(gens, tokenizer, categories, answers),
+                    "samples": [asdict(g) for g in gens]})
     return res
 
 
-def plot_sweep(sweep: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Marker rates and thinking length against alpha."""
-    from fastxc.analysis.inputs import pyplot, savefig
+COLORS = ("#4477aa", "#cc3311", "#228833", "#aa3377", "#ee7733", "#66ccee", "#bbbbbb")
+
+
+def sweep_figure(sweep: Sequence[dict], xlabel: str = "multiple of the steering unit"):
+    """Marker rates (tokens solid, text occurrences dashed), thinking length and coherence
+    against the multiple of the unit. Returns the Figure."""
+    from fastxc.analysis.inputs import pyplot
 
     plt = pyplot()
-    a = [r["alpha"] for r in sweep]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.5, 3.2))
-    for name in sweep[0]["rate"]:
-        ax1.plot(a, [r["rate"][name] for r in sweep], marker="o", label=name)
-    ax1.set_xlabel("alpha")
+    x = [r["multiple"] for r in sweep]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(12, 3.4))
+    for name, col in zip(sweep[0]["rate"], itertools.cycle(COLORS)):
+        ax1.plot(x, [r["rate"][name] for r in sweep], marker="o", color=col, label=f"{name} (tokens)")
+        ax1.plot(x, [r["text_rate"][name] for r in sweep], marker="x", ls="--", lw=0.8, color=col,
+                 label=f"{name} (text)")
     ax1.set_ylabel("markers per generated token")
-    ax1.legend(fontsize=7)
-    ax2.plot(a, [r["mean_think_tokens"] for r in sweep], marker="o", color="#cc3311")
-    ax2.set_xlabel("alpha")
-    ax2.set_ylabel("mean thinking length (tokens)")
-    return savefig(fig, path, title, title_size=9)
+    ax1.legend(fontsize=6)
+    ax2.plot(x, [r["mean_think_tokens"] for r in sweep], marker="o", color="#cc3311", label="mean thinking length")
+    ax2.set_ylabel("tokens until </think>")
+    ax2.legend(fontsize=6)
+    coh = [r["coherence"] for r in sweep]
+    ax3.plot(x, [c["closed"] for c in coh], marker="o", label="</think> closed")
+    ax3.plot(x, [c["answered"] for c in coh], marker="s", label="answer given")
+    if all(c["correct"] is not None for c in coh):
+        ax3.plot(x, [c["correct"] for c in coh], marker="^", label="answer correct")
+    else:
+        ax3.plot([], [], ls="none", label="correctness not judged (no answers)")
+    ax3.set_ylim(-0.03, 1.03)
+    ax3.set_ylabel("fraction of generations")
+    ax3.legend(fontsize=6)
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlabel(xlabel, fontsize=8)
+    return fig
+
+
+def plot_sweep(sweep: Sequence[dict], path: Path, title: str = "",
+               xlabel: str = "multiple of the steering unit") -> Path:
+    """``sweep_figure`` saved as PNG."""
+    from fastxc.analysis.inputs import savefig
+
+    return savefig(sweep_figure(sweep, xlabel), path, title, title_size=9)
+
+
+def read_answers(path: str | Path, field: str, limit: int) -> tuple[list[str] | None, str]:
+    """Expected answers of the first ``limit`` prompts of a .jsonl prompts file (the same records
+    ``read_texts`` reads), or None with the reason when the file does not give them all."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".json"):
+        return None, f"not judged: {path.name} is plain text (no answers)"
+    out: list[str] = []
+    with open(path, encoding="utf-8") as f:  # read_texts already checked UTF-8 and JSON line by line
+        for line in f:
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if field not in obj:
+                return None, f"not judged: a record of {path.name} has no {field!r} field"
+            out.append(str(obj[field]))
+            if len(out) >= limit:
+                break
+    return out, f"judged against field {field!r} of {path.name}"
 
 
 def _cli_direction(args, inp, cats: dict, target: int, feats: list[int],
-                   auto: str | None) -> tuple[torch.Tensor, str, float]:
-    """The steering direction the flags ask for -> (direction [d], description, alpha unit)."""
-    cc, unit = inp.crosscoder, 1.0
+                   auto: str | None) -> tuple[torch.Tensor, str, float, str]:
+    """The steering direction the flags ask for -> (direction [d], description, unit, unit label).
+
+    alpha = multiple x unit. ``--alpha-unit mean``: a feature's unit is its mean activation where
+    it fires (store rows); a difference of means is its own unit (multiple 1 adds the whole
+    difference). ``raw``: a feature's alpha is in activation units (unit 1); a difference of
+    means is measured by the norm it adds (unit 1 / its norm).
+    """
+    cc = inp.crosscoder
     if auto:
         if auto not in cats:
             raise AnalysisError(f"unknown category {auto!r}; known: {', '.join(cats)}")
@@ -237,18 +346,26 @@ def _cli_direction(args, inp, cats: dict, target: int, feats: list[int],
             raise AnalysisError("--diff-means needs --store")
         src = 0 if args.direction_from == "a" else 1
         direction = diff_means_direction(inp.reader, inp.tokenizer(), cats[args.diff_means], src, seed=args.seed)
-        return direction, f"difference of means before {args.diff_means} markers in {cc.source_names[src]}", unit
+        norm = float(direction.norm())
+        if norm == 0:
+            raise AnalysisError(f"the difference of means before {args.diff_means} markers is zero: nothing to steer with")
+        desc = f"difference of means before {args.diff_means} markers in {cc.source_names[src]}"
+        if args.alpha_unit == "raw":
+            return direction, desc, 1.0 / norm, "norm added to the residual stream (raw units)"
+        return direction, desc, 1.0, f"multiple of the difference of means (norm {norm:.3g})"
     direction = feature_direction(cc, feats, target)
-    if args.alpha_unit == "mean":
-        if inp.reader is None:
-            raise AnalysisError("--alpha-unit mean needs --store (to measure the features' mean activation)")
-        from fastxc.analysis.diff import feature_activity
+    desc = f"features {feats} of {cc.source_names[target]}"
+    if args.alpha_unit == "raw":
+        return direction, desc, 1.0, f"feature activation added (features {feats})"
+    if inp.reader is None:
+        raise AnalysisError("--alpha-unit mean needs --store (to measure the features' mean activation)")
+    from fastxc.analysis.diff import feature_activity
 
-        act = feature_activity(cc, inp.reader, n_rows=min(len(inp.reader), 50000), n_top=1)
-        unit = float(act.mean_act[feats].mean())
-        if unit <= 0:
-            raise AnalysisError(f"features {feats} never fire in the store: no mean activation to scale by")
-    return direction, f"features {feats} of {cc.source_names[target]}", unit
+    act = feature_activity(cc, inp.reader, n_rows=min(len(inp.reader), 50000), n_top=1)
+    unit = float(act.mean_act[feats].mean())
+    if unit <= 0:
+        raise AnalysisError(f"features {feats} never fire in the store: no mean activation to scale by")
+    return direction, desc, unit, f"multiple of the mean activation where it fires ({unit:.3g}, features {feats})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,9 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steer with the difference-of-means direction of a marker category instead")
     p.add_argument("--direction-from", default="a", choices=("a", "b"), help="model whose activations give --diff-means")
     p.add_argument("--categories", default=None, help='JSON file {"name": ["Marker", ...]}')
-    p.add_argument("--alphas", default="0,1,2,4,8", help="comma-separated steering strengths")
+    p.add_argument("--answer-field", default="answer",
+                   help="field of the --prompts .jsonl records holding the expected answer (without it, "
+                        "correctness is reported as not judged)")
+    p.add_argument("--multiples", default="0,1,2,4,8",
+                   help="comma-separated steering strengths, as multiples of the --alpha-unit (0: unsteered)")
     p.add_argument("--alpha-unit", default="mean", choices=("mean", "raw"),
-                   help="mean: alphas are multiples of the features' mean activation (needs --store); raw: as given")
+                   help="mean: a feature's mean activation where it fires (needs --store), or the whole "
+                        "difference of means; raw: feature activation units, or the norm a difference of means adds")
     p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     p.add_argument("--show", type=int, default=3, help="completions printed steered vs unsteered")
@@ -288,10 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         auto = args.feature.split(":", 1)[1] if args.feature and args.feature.startswith("auto:") else None
         try:
-            alphas = [float(v) for v in args.alphas.split(",") if v.strip()]
+            multiples = [float(v) for v in args.multiples.split(",") if v.strip()]
             feats = [int(v) for v in args.feature.split(",") if v.strip()] if args.feature and not auto else []
         except ValueError:
-            raise AnalysisError("--alphas and --feature take comma-separated numbers (or --feature auto:CATEGORY)") from None
+            raise AnalysisError("--multiples and --feature take comma-separated numbers (or --feature auto:CATEGORY)") from None
+        if not multiples:
+            raise AnalysisError("--multiples: no steering strength given")
         if bool(feats or auto) == bool(args.diff_means):
             raise AnalysisError("give exactly one of --feature or --diff-means")
         inp = inputs_from_args(args)
@@ -301,26 +425,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise AnalysisError(f"the crosscoder has {cc.n_sources} source(s): no model {args.steer}")
         # the small inputs first: a bad prompts or categories file fails before any model loads
         prompts = [q + args.suffix for q in read_texts(args.prompts, args.prompt_field, args.n_prompts)]
+        answers, judged = read_answers(args.prompts, args.answer_field, len(prompts))
         cats = load_categories(args.categories)
         models, tok = inp.models(), inp.tokenizer()
-        direction, desc, unit = _cli_direction(args, inp, cats, target, feats, auto)
-        sweep = steer_sweep(models[target], tok, prompts, inp.layer, direction, [a * unit for a in alphas], cats,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        direction, desc, unit, unit_label = _cli_direction(args, inp, cats, target, feats, auto)
+        sweep = steer_sweep(models[target], tok, prompts, inp.layer, direction, multiples, cats, unit=unit,
+                            answers=answers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed)
         out = out_dir(args, "runs/fastxc-steer")
-        res = {"direction": desc, "steered_model": inp.model_names[target], "layer": inp.layer, "alpha_unit": unit,
-               "alphas": alphas, "sweep": sweep}
+        res = {"direction": desc, "steered_model": inp.model_names[target], "layer": inp.layer,
+               "unit": {"value": unit, "label": unit_label}, "multiples": multiples,
+               "alphas": [r["alpha"] for r in sweep], "correctness": judged, "sweep": sweep}
         write_json(out / "steer.json", res)
-        plot_sweep(sweep, out / "steer.png", f"steering {cc.source_names[target]} with {desc}")
-        base = next((r for r in sweep if r["alpha"] == 0), None)
+        plot_sweep(sweep, out / "steer.png", f"steering {cc.source_names[target]} with {desc}", unit_label)
+        print(f"unit: {unit_label}; correctness {judged}")
+        base = next((r for r in sweep if r["multiple"] == 0), None)
         for r in sweep:
-            print(f"alpha {r['alpha']:8.3f}: think {r['mean_think_tokens']:6.1f} tok, closed {r['close_rate']:.2f}, "
-                  + ", ".join(f"{k} {v:.4f}/tok" for k, v in r["rate"].items()))
+            c = r["coherence"]
+            correct = "not judged" if c["correct"] is None else f"{c['correct']:.2f}"
+            print(f"x{r['multiple']:<5g} (alpha {r['alpha']:8.3f}): think {r['mean_think_tokens']:6.1f} tok, "
+                  f"closed {c['closed']:.2f}, answered {c['answered']:.2f}, correct {correct}; "
+                  + ", ".join(f"{k} {v:.4f}/tok ({r['text_rate'][k]:.4f} in text)" for k, v in r["rate"].items()))
         strongest = sweep[-1]
         for j in range(min(args.show, len(prompts))):
             print(f"\n--- prompt: {prompts[j]}")
             if base is not None:
                 print(f"unsteered:      {base['samples'][j]['text']}")
-            print(f"alpha {strongest['alpha']:.3g}: {strongest['samples'][j]['text']}")
+            print(f"x{strongest['multiple']:g}: {strongest['samples'][j]['text']}")
         print(f"\nwrote {out}/steer.json, steer.png")
         return 0
 

@@ -6,10 +6,14 @@
 * ``--help`` gives every option a help line and shows its default (where it has one).
 * Bad input found later (missing files, wrong shapes, corrupt stores): ``report(exc)`` prints
   one ``error: ...`` line and returns 2; ``FASTXC_DEBUG=1`` re-raises with the traceback.
+* A kernels-only install (``pip install fastxc``, no ``[all]``): every command stops before it
+  starts with one ``error: ...`` line naming the missing packages and exit status 2
+  (``require_full_install``; ``fastxc.cli.main`` and, for ``python -m``, ``fastxc/__init__.py``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import sys
@@ -73,3 +77,85 @@ def report(exc: BaseException) -> int:
     msg = text.splitlines()[0] if text else type(exc).__name__
     print(f"error: {msg}", file=sys.stderr)
     return 2
+
+
+# pyproject.toml's `all` extra (triton aside: the commands run without it), as import name ->
+# the name pip installs; tests/test_install.py keeps the two equal.
+FULL_INSTALL = {
+    "transformers": "transformers", "datasets": "datasets", "tokenizers": "tokenizers",
+    "safetensors": "safetensors", "tqdm": "tqdm", "yaml": "PyYAML", "matplotlib": "matplotlib",
+}
+
+
+def missing_full_install() -> list[str]:
+    """The packages of ``fastxc[all]`` that are not installed (pip names; empty when none).
+
+    ``find_spec`` only looks for them, so checking costs no import.
+    """
+    missing = []
+    for module, package in FULL_INSTALL.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken install, or a module without __spec__
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def require_full_install(command: str) -> None:
+    """Exit with status 2 and one ``error: ...`` line when ``command`` (e.g. "fastxc train")
+    cannot run because the install is kernels-only; return when everything is there.
+
+    Checked up front because most of the heavy imports are deferred: without the check a
+    command could train for minutes and fail on its first save.
+    """
+    missing = missing_full_install()
+    if missing:
+        print(f"error: {command} needs {', '.join(missing)} (not installed: a kernels-only install of "
+              f"fastxc leaves them out); install them with: pip install 'fastxc[all]'", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# Python's short options that take no value (python --help); -W and -X take one, -c and -m end them
+_FLAG_OPTIONS = set("bBdEhiIOPqRsSuvVx")
+
+
+def dash_m_module(orig_argv: list[str]) -> str | None:
+    """The MODULE of ``python [options] -m MODULE ...`` in the interpreter's ``orig_argv``, or
+    None when it ran a script, ``-c`` or stdin."""
+    i = 1
+    while i < len(orig_argv):
+        arg = orig_argv[i]
+        i += 1
+        if arg == "--check-hash-based-pycs":
+            i += 1
+            continue
+        if not arg.startswith("-") or arg.startswith("--") or arg == "-":
+            return None  # a script, stdin, or --help / --version
+        for j in range(1, len(arg)):  # a cluster of short options: -u, -um, -Wignore, -mfoo
+            if arg[j] == "m":
+                return arg[j + 1:] or (orig_argv[i] if i < len(orig_argv) else None)
+            if arg[j] in "WX":
+                if j == len(arg) - 1:
+                    i += 1  # "-W VALUE": the value is the next argument
+                break
+            if arg[j] not in _FLAG_OPTIONS:
+                return None  # -c, or an option this parser does not know
+    return None
+
+
+def require_full_install_for_dash_m() -> None:
+    """``require_full_install`` for ``python -m fastxc[.X]``, kernels (``fastxc.kernels.aot``) aside.
+
+    Called from ``fastxc/__init__.py`` while ``sys.argv[0]`` is ``"-m"``: Python is still
+    importing the packages of the module it was asked to run, so the check comes before any
+    package of that command (``fastxc.train``'s imports included). A ``python -m`` of another
+    program that imports fastxc is left alone.
+    """
+    module = dash_m_module(list(getattr(sys, "orig_argv", [])))
+    if module is None or not (module == "fastxc" or module.startswith("fastxc.")):
+        return
+    if module == "fastxc.kernels" or module.startswith("fastxc.kernels."):
+        return
+    require_full_install(f"python -m {module}")

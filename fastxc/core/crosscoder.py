@@ -3,11 +3,16 @@
 Math (sources concatenated, source i has width d_i, D = sum d_i, F features):
 
     pre    = x @ W_enc.T + b_enc                     x [B, D], W_enc [F, D], pre [B, F]
-    f      = act(pre)                                relu | topk | batchtopk     f [B, F]
+    f      = act(pre)                                relu | topk | batchtopk | jumprelu     f [B, F]
     recon  = f @ W_dec + b_dec                       W_dec [F, D], recon [B, D]
     loss   = sum_i mean_b ||recon_i - x_i||^2        per-source squared error
            + l1_coef * mean_b sum_k f_k * sum_i ||W_dec[k, src_i]||_2      (relu only, seed eq. 5)
+           + l0_coef * mean_b sum_k H(pre_k - theta_k)                      (jumprelu only)
            + aux_coef * AuxK                          (topk / batchtopk with aux_k > 0)
+
+jumprelu: f = pre * H(pre - theta), theta = exp(log_threshold) [F] learned with the
+straight-through estimates of Rajamanoharan et al. 2024 (``fastxc.kernels.jumprelu``; bandwidth
+``jumprelu_bandwidth``). AuxK's math lives in ``fastxc.kernels.auxk``.
 
 Both weight matrices are stored feature-major ([F, D], row k is feature k), like
 ``nn.Linear.weight``: every gradient of a sparse code is then a scatter into whole rows, written
@@ -17,6 +22,7 @@ once, with no transposed copy. This file is the plain-torch *reference*; the fus
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +33,17 @@ from torch import Tensor, nn
 
 from fastxc import kernels as K
 from fastxc.kernels import _dispatch
+from fastxc.kernels.auxk import auxk_loss, auxk_loss_from_pre
+from fastxc.kernels.auxk import auxk_residual_loss as _auxk_residual_loss
+from fastxc.kernels.jumprelu import jumprelu_encode, jumprelu_l0, jumprelu_ref
 
-ACTIVATIONS = ("relu", "topk", "batchtopk")
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+# jumprelu defaults, from bench/sweep_jumprelu.py (planted source, seeds 0 and 1, threshold lr
+# x10; worst seed MMCS / recovered at cos >= 0.9 / L0): l0 0.03, bandwidth 0.2, init 0.1 or
+# 0.03: 0.998 / 1.00 / 3.8; bandwidth 0.05: 0.981 / 0.96 / 5.1; l0 0.01 (bw 0.05): 0.946 / 0.83 / 8.6
+JUMPRELU_L0_COEF = 0.03
+JUMPRELU_BANDWIDTH = 0.2
+JUMPRELU_INIT_THRESHOLD = 0.1
 # relu through fastxc.kernels only while codes are sparse: each active entry costs ~4 gathered
 # row operations of width D, the dense path ~5 GEMMs whatever the density (bench/bench_step.py:
 # sparse 3.3x faster at L0 = 0.5% of F; at F=256 with half the features active it was 2.7x
@@ -65,7 +80,7 @@ class CrosscoderOutput:
     loss      total loss that training backpropagates: sum(mse) + sparsity + aux_coef * aux
     mse       [n_sources] mean over the batch of ||recon_i - x_i||^2
     fvu       [n_sources] fraction of variance unexplained per source (detached)
-    sparsity  l1_coef * decoder-norm-weighted L1 (relu), else 0
+    sparsity  l1_coef * decoder-norm-weighted L1 (relu), l0_coef * L0 (jumprelu), else 0
     aux       AuxK loss before aux_coef (0 when off or no dead features)
     l0        mean number of active features per row (detached)
     """
@@ -92,18 +107,11 @@ class CrosscoderOutput:
 
 
 def auxk_residual_loss(e_hat: Tensor, err: Tensor, denom: Tensor | None = None) -> Tensor:
-    """The AuxK loss (Gao et al. 2024) of the dead features' reconstruction e_hat [B, D] of the
-    residual x - recon = -err [B, D]: mean_b ||e_hat - (x - recon)||^2 / denom.
-
-    The residual target is detached; e_hat uses W_dec only (no b_dec: the main reconstruction
-    already holds it). ``denom`` (default: this batch's residual variance, so the loss's scale
-    does not depend on how well the main path fits) is given where the batch is split over
-    ranks (data parallel: the global batch's variance).
-    """
-    target = -err.detach()
-    if denom is None:
-        denom = (target - target.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-    return (e_hat - target).pow(2).sum(dim=1).mean() / denom
+    """The AuxK loss of the dead features' reconstruction e_hat [B, D] of the residual
+    x - recon = -err [B, D] (err = recon - x, as ``ForwardStep`` holds it); the math is
+    ``fastxc.kernels.auxk.auxk_residual_loss``'s (``denom``: None for this batch's residual
+    variance; data parallel passes the global batch's)."""
+    return _auxk_residual_loss(e_hat, -err, denom)
 
 
 @dataclass
@@ -138,7 +146,7 @@ class ForwardStep:
         return r.view_as(x) if x.dim() == 3 else r
 
 
-def _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names):
+def _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names, jumprelu=(0.0, 1.0, 1.0)):
     """Crosscoder's arguments validated (ValueError with one clear line) -> (widths as ints,
     n_features as int, dec_init_norm as one float per source)."""
     widths = [int(w) for w in widths]
@@ -153,6 +161,11 @@ def _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, sourc
         raise ValueError(f"k must satisfy 0 < k <= n_features ({n_features}), got {k}")
     if not 0 <= int(aux_k) <= n_features:
         raise ValueError(f"aux_k must satisfy 0 <= aux_k <= n_features ({n_features}), got {aux_k}")
+    l0_coef, bandwidth, init_threshold = (float(v) for v in jumprelu)
+    if not l0_coef >= 0:
+        raise ValueError(f"l0_coef must be >= 0, got {l0_coef}")
+    if not (bandwidth > 0 and init_threshold > 0):
+        raise ValueError(f"jumprelu_bandwidth and jumprelu_init_threshold must be > 0, got {bandwidth} and {init_threshold}")
     norms = [float(dec_init_norm)] * len(widths) if isinstance(dec_init_norm, (int, float)) else [float(v) for v in dec_init_norm]
     if len(norms) != len(widths):
         raise ValueError(f"dec_init_norm has {len(norms)} values for {len(widths)} sources")
@@ -169,12 +182,18 @@ class Crosscoder(nn.Module):
         n_features: dictionary size F.
         activation: ``"topk"`` (k largest of relu(pre) per row), ``"batchtopk"`` (k*B largest
             over the batch in training; a running threshold at inference) or ``"relu"``
-            (trained with the decoder-norm-weighted L1 penalty).
+            (trained with the decoder-norm-weighted L1 penalty) or ``"jumprelu"`` (pre * (pre > theta),
+            a learned threshold per feature, trained with an L0 penalty; Rajamanoharan et al. 2024).
         k: active features per row for topk / batchtopk.
         aux_k: features in the AuxK dead-feature loss (0 turns it off).
         aux_coef: weight of the AuxK loss in ``loss``.
         l1_coef: weight of the decoder-norm-weighted L1 (relu). Training may warm it up by
             passing ``l1_coef=`` to ``forward``.
+        l0_coef: weight of the L0 penalty (jumprelu); ``forward(l0_coef=)`` overrides it per call.
+        jumprelu_bandwidth: eps of the straight-through threshold gradients (jumprelu), in
+            pre-activation units.
+        jumprelu_init_threshold: every feature's threshold at init (jumprelu); the parameter is
+            ``log_threshold`` [F] (theta = exp(log_threshold) stays positive).
         dec_init_norm: L2 norm of each source's slice of each decoder row at init (a float, or
             one per source).
         dead_tokens: a feature that has not fired for this many training tokens is dead
@@ -215,9 +234,13 @@ class Crosscoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         compute_dtype: torch.dtype | str | None = None,
+        l0_coef: float = JUMPRELU_L0_COEF,
+        jumprelu_bandwidth: float = JUMPRELU_BANDWIDTH,
+        jumprelu_init_threshold: float = JUMPRELU_INIT_THRESHOLD,
     ):
         super().__init__()
-        widths, n_features, norms = _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names)
+        widths, n_features, norms = _checked_args(widths, n_features, activation, k, aux_k, dec_init_norm, source_names,
+                                                  (l0_coef, jumprelu_bandwidth, jumprelu_init_threshold))
         self.widths = widths
         self.offsets = [0]
         for w in widths:
@@ -230,6 +253,9 @@ class Crosscoder(nn.Module):
         self.aux_k = int(aux_k)
         self.aux_coef = float(aux_coef)
         self.l1_coef = float(l1_coef)
+        self.l0_coef = float(l0_coef)
+        self.jumprelu_bandwidth = float(jumprelu_bandwidth)
+        self.jumprelu_init_threshold = float(jumprelu_init_threshold)
         self.dec_init_norm = norms
         self.dead_tokens = int(dead_tokens)
         self.threshold_momentum = float(threshold_momentum)
@@ -254,6 +280,8 @@ class Crosscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_features, **factory))
         self.W_dec = nn.Parameter(torch.empty(n_features, self.d_total, **factory))
         self.b_dec = nn.Parameter(torch.zeros(self.d_total, **factory))
+        if activation == "jumprelu":  # registered last: the other activations' parameters keep their order
+            self.log_threshold = nn.Parameter(torch.empty(n_features, **factory))
         # batchtopk's running threshold; negative means "not yet measured".
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=device))
         # Per-source multiplier the training inputs were scaled by (store normalisation), kept
@@ -280,6 +308,8 @@ class Crosscoder(nn.Module):
         self.W_enc.copy_(w)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.activation == "jumprelu":
+            self.log_threshold.fill_(math.log(self.jumprelu_init_threshold))
         self.threshold.fill_(-1.0)
         self.tokens_since_fired.zero_()
 
@@ -350,6 +380,8 @@ class Crosscoder(nn.Module):
         """
         if self.activation == "relu":
             return torch.relu(pre)
+        if self.activation == "jumprelu":
+            return jumprelu_ref(pre, self.jumprelu_threshold(), self.jumprelu_bandwidth)
         if self.activation == "topk":
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
@@ -361,6 +393,10 @@ class Crosscoder(nn.Module):
         code = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
         K.update_threshold(self.threshold, vals, self.threshold_momentum)
         return code
+
+    def jumprelu_threshold(self) -> Tensor:
+        """jumprelu: theta = exp(log_threshold) [F] float32 (differentiable)."""
+        return self.log_threshold.float().exp()
 
     def inference_threshold(self) -> float:
         """batchtopk's running threshold as a float; RuntimeError while it is unmeasured."""
@@ -386,8 +422,9 @@ class Crosscoder(nn.Module):
         return (self.accum(f) @ dec_norms.sum(dim=1)).mean()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, l1_coef: float | None = None) -> CrosscoderOutput:
-        """x [B, D] or [B, n, d] -> CrosscoderOutput (recon in the input's shape).
+    def forward(self, x: Tensor, l1_coef: float | None = None, l0_coef: float | None = None) -> CrosscoderOutput:
+        """x [B, D] or [B, n, d] -> CrosscoderOutput (recon in the input's shape). ``l1_coef`` /
+        ``l0_coef``: this call's relu L1 / jumprelu L0 coefficient (None: the model's).
 
         Runs the fused sparse ops of ``fastxc.kernels`` unless the backend (``self.backend``
         or ``FASTXC_BACKEND``) is ``"reference"``, which takes the plain-torch path. The
@@ -399,7 +436,7 @@ class Crosscoder(nn.Module):
         self._calls += 1
         self._cast_cache = None if self.compute_dtype is None else {}
         try:
-            step = self.fused_step(x2, l1_coef) if self.use_fused(x2) else self.dense_step(x2, l1_coef)
+            step = self.fused_step(x2, l1_coef, l0_coef) if self.use_fused(x2) else self.dense_step(x2, l1_coef, l0_coef)
             stats = self.batch_statistics(step)
             aux = step.loss.new_zeros(())
             if self.uses_auxk():
@@ -409,28 +446,43 @@ class Crosscoder(nn.Module):
         finally:
             self._cast_cache = None  # the casts live on in the autograd graph only
 
-    def dense_step(self, x2: Tensor, l1_coef: float | None) -> ForwardStep:
+    def dense_step(self, x2: Tensor, l1_coef: float | None, l0_coef: float | None = None) -> ForwardStep:
         """The plain-torch path: x2 [B, D] -> ForwardStep with the dense code f [B, F]."""
-        pre, f, recon2, err, mse, loss, sparsity = self.dense_loss(x2, l1_coef)
+        pre, f, recon2, err, mse, loss, sparsity = self.dense_loss(x2, l1_coef, l0_coef)
         return ForwardStep(recon2, err, mse, loss, sparsity, active=f > 0, pre=pre, f=f)
 
-    def fused_step(self, x2: Tensor, l1_coef: float | None) -> ForwardStep:
+    def fused_step(self, x2: Tensor, l1_coef: float | None, l0_coef: float | None = None) -> ForwardStep:
         """The fused path: x2 [B, D] -> ForwardStep with the code kept sparse, (vals, idx) [B, m];
         no dense [B, F] tensor takes part in backward."""
-        vals, idx = self.sparse_code(x2)
+        code = self.sparse_code(x2)
+        vals, idx = code[0], code[1]
         loss, recon2, mse, sparsity = self.sparse_loss(vals, idx, x2, l1_coef)
+        if self.activation == "jumprelu":  # code.pre: the entries' pre-activations, band included
+            sparsity = self.l0_penalty(code.pre, idx, l0_coef)
+            loss = loss + sparsity
         err = self.accum(recon2) - self.accum(x2)
         return ForwardStep(recon2, err, mse, loss, sparsity, active=vals > 0, vals=vals, idx=idx)
 
-    def dense_loss(self, x2: Tensor, l1_coef: float | None):
+    def dense_loss(self, x2: Tensor, l1_coef: float | None, l0_coef: float | None = None):
         """The plain-torch path: x2 [B, D] -> (pre [B, F], code f [B, F], recon2, err = recon2 - x2
-        [B, D], mse [n], loss = sum(mse) + sparsity, sparsity (relu's decoder-norm L1, else 0))."""
+        [B, D], mse [n], loss = sum(mse) + sparsity, sparsity (relu's decoder-norm L1, jumprelu's
+        L0 term, else 0))."""
         pre = torch.addmm(self.weight("b_enc"), self.to_compute(x2), self.weight("W_enc").t())
         f = self.activate(pre)
         recon2 = self.decode(f)
         err = self.accum(recon2) - self.accum(x2)
         mse, loss, sparsity = self.loss_terms(err, l1_coef, lambda: self.sparsity_penalty(f))
+        if self.activation == "jumprelu":
+            sparsity = self.l0_penalty(pre, None, l0_coef)
+            loss = loss + sparsity
         return pre, f, recon2, err, mse, loss, sparsity
+
+    def l0_penalty(self, pre: Tensor, idx: Tensor | None, l0_coef: float | None) -> Tensor:
+        """jumprelu: l0_coef * mean_b L0, for a sparse (pre, idx) [B, m] or a dense pre [B, F]
+        (idx None); its straight-through gradient reaches log_threshold only."""
+        coef = self.l0_coef if l0_coef is None else float(l0_coef)
+        return coef * jumprelu_l0(pre.float(), idx, self.jumprelu_threshold(), self.jumprelu_bandwidth,
+                                  backend=self.backend)
 
     def loss_terms(self, err: Tensor, l1_coef: float | None, penalty) -> tuple[Tensor, Tensor, Tensor]:
         """err = recon - x [B, D] -> (mse [n], loss = sum(mse) + sparsity, sparsity); penalty() gives
@@ -448,11 +500,12 @@ class Crosscoder(nn.Module):
         """Whether this call takes the fused sparse ops (not the reference backend, and not a
         relu crosscoder in its dense phase: one whose code was too wide to pay off sparse)."""
         return _dispatch.choose(x2, backend=self.backend) != "reference" and not (
-            self.activation == "relu" and self._calls < self._relu_dense_until)
+            self.activation in ("relu", "jumprelu") and self._calls < self._relu_dense_until)
 
-    def sparse_code(self, x2: Tensor) -> tuple[Tensor, Tensor]:
+    def sparse_code(self, x2: Tensor) -> tuple[Tensor, ...]:
         """x2 [B, D] -> the code as (vals, idx) [B, m] through the fused encode ops (batchtopk:
-        over this batch while training, the running threshold at inference)."""
+        over this batch while training, the running threshold at inference; jumprelu: a
+        ``JumpReLUCode`` (vals, idx, pre), its band entries just below the threshold with vals 0)."""
         bk = self.backend
         xc, W_enc, b_enc = self.to_compute(x2), self.weight("W_enc"), self.weight("b_enc")
         if self.activation == "topk":
@@ -461,6 +514,11 @@ class Crosscoder(nn.Module):
             vals, idx = K.relu_encode(xc, W_enc, b_enc, backend=bk)
             if idx.shape[1] > RELU_SPARSE_MAX_FRAC * self.n_features:
                 self._relu_dense_until = self._calls + RELU_DENSE_STEPS
+        elif self.activation == "jumprelu":
+            code = jumprelu_encode(xc, W_enc, b_enc, self.jumprelu_threshold(), self.jumprelu_bandwidth, backend=bk)
+            if code.idx.shape[1] > RELU_SPARSE_MAX_FRAC * self.n_features:  # as relu: too wide to pay off
+                self._relu_dense_until = self._calls + RELU_DENSE_STEPS
+            return code
         elif self.training:  # batchtopk
             vals, idx = K.batchtopk_encode(xc, W_enc, b_enc, self.k, backend=bk)
             K.update_threshold(self.threshold, vals, self.threshold_momentum)
@@ -513,16 +571,13 @@ class Crosscoder(nn.Module):
                                 vals=step.vals, idx=step.idx, n_features=self.W_enc.shape[0])
 
     def _aux_loss_sparse(self, x2: Tensor, err: Tensor, denom: Tensor | None = None) -> Tensor:
-        """``aux_loss`` without the dense pre-activation: only the dead features' columns of the
-        encoder GEMM are computed ([B, n_dead]) and their code is decoded sparsely."""
+        """``aux_loss`` without the dense pre-activation: ``fastxc.kernels.auxk.auxk_loss`` (only
+        the dead features' columns of the encoder GEMM, their code decoded sparsely)."""
         dead, k_aux = self._auxk_candidates()
         if k_aux == 0:
             return x2.new_zeros(())
-        dead_idx = dead.nonzero().squeeze(1)
-        pre_d = torch.addmm(self.weight("b_enc")[dead_idx], self.to_compute(x2), self.weight("W_enc")[dead_idx].t())
-        vals, j = pre_d.topk(k_aux, dim=-1, sorted=False)
-        e_hat = K.sparse_decode(torch.relu(vals), dead_idx[j], self.weight("W_dec"), backend=self.backend)
-        return auxk_residual_loss(self.accum(e_hat), err, denom)
+        return auxk_loss(self.to_compute(x2), self.weight("W_enc"), self.weight("b_enc"), self.weight("W_dec"),
+                         dead, k_aux, -err, denom, backend=self.backend)
 
     def dead_mask(self) -> Tensor:
         """[F] bool: features that have not fired in the last ``dead_tokens`` training tokens."""
@@ -541,10 +596,7 @@ class Crosscoder(nn.Module):
         dead, k_aux = self._auxk_candidates()
         if k_aux == 0:
             return pre.new_zeros(())
-        masked = pre.masked_fill(~dead, float("-inf"))
-        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        code = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
-        return auxk_residual_loss(self.accum(code @ self.weight("W_dec")), err, denom)
+        return auxk_loss_from_pre(pre, self.weight("W_dec"), dead, k_aux, -err, denom)
 
     @torch.no_grad()
     def fvu(self, x: Tensor, recon: Tensor) -> Tensor:
@@ -585,6 +637,9 @@ class Crosscoder(nn.Module):
             "dead_tokens": self.dead_tokens,
             "threshold_momentum": self.threshold_momentum,
             "source_names": self.source_names,
+            # jumprelu's own arguments only for jumprelu, so that other configs stay what they were
+            **({"l0_coef": self.l0_coef, "jumprelu_bandwidth": self.jumprelu_bandwidth,
+                "jumprelu_init_threshold": self.jumprelu_init_threshold} if self.activation == "jumprelu" else {}),
             # only when set, so that an fp32 model's config (and file) is what it always was
             **({"compute_dtype": str(self.compute_dtype).removeprefix("torch.")} if self.compute_dtype is not None else {}),
         }
@@ -634,7 +689,8 @@ class Crosscoder(nn.Module):
         return model
 
     def extra_repr(self) -> str:
-        return f"widths={self.widths}, n_features={self.n_features}, activation={self.activation!r}, k={self.k}"
+        extra = f", l0_coef={self.l0_coef}, bandwidth={self.jumprelu_bandwidth}" if self.activation == "jumprelu" else ""
+        return f"widths={self.widths}, n_features={self.n_features}, activation={self.activation!r}, k={self.k}{extra}"
 
 
 def _atomic_write(target: Path, write) -> None:

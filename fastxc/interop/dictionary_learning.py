@@ -48,6 +48,9 @@ def to_dictionary_learning(cc: Crosscoder) -> Bundle:
     if len(set(cc.widths)) != 1:
         raise InteropError(f"dictionary_learning's CrossCoder needs equal source widths (its tensors are "
                            f"[num_layers, activation_dim, ...]); this crosscoder's widths are {cc.widths}")
+    if cc.activation == "jumprelu":
+        raise InteropError("dictionary_learning's CrossCoder has no per-feature thresholds: a jumprelu crosscoder "
+                           "cannot be exported to it (SAELens's jumprelu takes a 1-source one)")
     if cc.activation == "topk":
         raise InteropError("dictionary_learning has no per-row TopK crosscoder (BatchTopKCrossCoder selects k x batch "
                            "entries over a batch, or by a threshold): a topk crosscoder cannot be exported to it")

@@ -10,7 +10,9 @@ jumprelu). Its forward, with ``apply_b_dec_to_input`` false and ``normalize_acti
 standard: act = relu; topk: the k largest of pre, relu'd; jumprelu: relu(pre) * (pre > threshold).
 A fastxc crosscoder of one source maps onto it: relu -> standard, topk -> topk, batchtopk ->
 jumprelu with its inference threshold in every entry (fastxc's batchtopk at inference is that
-JumpReLU). fastxc's ``input_scale`` s (the store normalisation) is folded into the weights,
+JumpReLU), jumprelu -> jumprelu with threshold = exp(log_threshold) per feature. Importing, a
+jumprelu folder with one threshold for all features becomes a batchtopk crosscoder; per-feature
+thresholds are read back only from a folder fastxc wrote (its metadata says jumprelu). fastxc's ``input_scale`` s (the store normalisation) is folded into the weights,
 as SAELens's own ``fold_activation_norm_scaling_factor`` does, so the SAE reads raw
 activations: W_enc * s, W_dec / s, b_dec / s. The fastxc config and s go into the metadata
 (``metadata.fastxc``), so importing the folder back restores the crosscoder.
@@ -28,8 +30,9 @@ from fastxc.interop.convert import (Bundle, InteropError, InteropWarning, build_
                                     warn_compute_dtype)
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
-ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
-ACTIVATION = {v: k for k, v in ARCHITECTURE.items()}
+ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+# importing: jumprelu means batchtopk (one threshold) or jumprelu (per-feature), decided by the file
+ACTIVATION = {"standard": "relu", "topk": "topk", "jumprelu": "batchtopk"}
 # the cfg layout written here is SAELens 6's; its loader converts configs that say < 6 (or
 # nothing) from the older layout, so the version is stated
 SAELENS_VERSION = "6.0.0"
@@ -46,13 +49,18 @@ def to_saelens(cc: Crosscoder, *, model_name: str | None = None, hook_name: str 
         if threshold < 0:
             raise InteropError("the batchtopk crosscoder has no inference threshold yet (train it first): "
                                "SAELens's jumprelu needs one")
+    if cc.activation == "jumprelu":
+        # the threshold compares with pre, which folding the input scale leaves unchanged
+        threshold = cc.log_threshold.detach().cpu().exp()
     warn_compute_dtype(cc, "SAELens")
     W_enc, b_enc, W_dec, b_dec = (p.detach().cpu() for p in (cc.W_enc, cc.b_enc, cc.W_dec, cc.b_dec))
     scale = cc.input_scale.detach().cpu()[0]
     if scale != 1:  # fold the normalisation in: the SAE then reads raw activations
         W_enc, W_dec, b_dec = W_enc * scale.to(W_enc.dtype), W_dec / scale.to(W_dec.dtype), b_dec / scale.to(b_dec.dtype)
     tensors = {"W_enc": W_enc.t().contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    if threshold is not None:
+    if isinstance(threshold, torch.Tensor):
+        tensors["threshold"] = threshold.to(W_dec.dtype)
+    elif threshold is not None:
         tensors["threshold"] = torch.full((cc.n_features,), threshold, dtype=W_dec.dtype)
     cfg = {
         "architecture": ARCHITECTURE[cc.activation],
@@ -119,13 +127,14 @@ def from_saelens(src: Path) -> Crosscoder:
     if W_dec.shape != (F, d) or b_enc.shape != (F,) or b_dec.shape != (d,):
         raise InteropError(f"{src / WEIGHTS}: inconsistent shapes W_enc {tuple(W_enc.shape)}, b_enc "
                            f"{tuple(b_enc.shape)}, W_dec {tuple(W_dec.shape)}, b_dec {tuple(b_dec.shape)}")
-    threshold = None
+    threshold = log_threshold = None
+    activation = ACTIVATION[arch]
     if arch == "jumprelu":
         thr = t["threshold"]
-        if thr.shape != (F,) or not bool((thr == thr[0]).all()) or float(thr[0]) < 0:
-            raise InteropError(f"{src / WEIGHTS}: the jumprelu thresholds differ between features (or are "
-                               "negative); fastxc's batchtopk has one threshold >= 0 for all features")
-        threshold = float(thr[0])
+        if thr.shape != (F,):
+            raise InteropError(f"{src / WEIGHTS}: threshold has shape {tuple(thr.shape)}, expected [d_sae]=[{F}]")
+        if bool((thr == thr[0]).all()) and float(thr[0]) >= 0:  # one threshold: fastxc's batchtopk at inference
+            threshold = float(thr[0])
     W_enc = W_enc.t()  # [F, d], fastxc's feature-major layout
     if cfg.get("apply_b_dec_to_input", True):
         # pre = (x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc)
@@ -148,12 +157,24 @@ def from_saelens(src: Path) -> Crosscoder:
                 warnings.warn(f"the SAELens folder has no k (batchtopk's training batch size per row): set to {k}; "
                               "it matters only for further training", InteropWarning, stacklevel=2)
         k = int(k)
-        kwargs = {"widths": [d], "n_features": F, "activation": ACTIVATION[arch], "k": k,
+        kwargs = {"widths": [d], "n_features": F, "activation": activation, "k": k,
                   "source_names": [meta.get("hook_name") or "source0"] if isinstance(meta, dict) else None}
         scale = 1.0
-    if kwargs.get("activation") != ACTIVATION[arch]:
+    if arch == "jumprelu" and kwargs.get("activation") == "jumprelu" and bool((t["threshold"] > 0).all()):
+        # a jumprelu crosscoder fastxc wrote: per-feature thresholds, theta = exp(log_threshold)
+        activation, threshold, log_threshold = "jumprelu", None, t["threshold"].float().log()
+    elif arch == "jumprelu" and threshold is None:
+        # (a foreign SAE with per-feature thresholds maps onto fastxc's jumprelu too, but its
+        # import is refused for now, as tests/test_export.py pins)
+        raise InteropError(f"{src / WEIGHTS}: the jumprelu thresholds differ between features (or are "
+                           "negative); fastxc's batchtopk has one threshold >= 0 for all features")
+    if kwargs.get("activation") != activation:
         raise InteropError(f"{where}: architecture {arch} but the fastxc config says {kwargs.get('activation')}")
     if scale != 1:
         s = torch.tensor(scale, dtype=torch.float32)
         W_enc, W_dec, b_dec = W_enc / s.to(W_enc.dtype), W_dec * s.to(W_dec.dtype), b_dec * s.to(b_dec.dtype)
-    return build_crosscoder(kwargs, W_enc, b_enc, W_dec, b_dec, torch.tensor([scale]), threshold)
+    cc = build_crosscoder(kwargs, W_enc, b_enc, W_dec, b_dec, torch.tensor([scale]), threshold)
+    if log_threshold is not None:
+        with torch.no_grad():
+            cc.log_threshold.copy_(log_threshold)
+    return cc

@@ -23,7 +23,8 @@ def get():
         _tried = True
         try:
             m = importlib.import_module("fastxc._C")
-            _mod = m if hasattr(m, "scatter_rows") else None
+            # gather_sum and the layout flags came together: an older build is not used
+            _mod = m if hasattr(m, "gather_sum") else None
         except ImportError:
             _mod = None
     return _mod

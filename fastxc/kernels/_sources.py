@@ -25,6 +25,20 @@ def check_widths(widths, D: int) -> tuple[int, ...]:
     return widths
 
 
+def check_decoder_widths(op: str, widths, W) -> tuple[int, ...]:
+    """``check_widths`` against the D of the [F, D] decoder W; a W whose first dim is the
+    widths' sum (a [D, F] decoder passed without .T) is named as such."""
+    F, D = W.shape
+    try:
+        total = sum(int(w) for w in widths)
+    except (TypeError, ValueError):
+        total = None
+    if total is not None and total != D and total == F:
+        raise ValueError(f"{op}: W_dec {list(W.shape)} looks like [D, F] (its first dim is the "
+                         f"widths' sum {total}); pass W_dec.T or layout='df'")
+    return check_widths(widths, D)
+
+
 def source_sums(cols: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     """Per-source sums of per-column values: cols [..., D] -> [..., n_sources]."""
     o = offsets_of(widths)

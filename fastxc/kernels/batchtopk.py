@@ -18,7 +18,8 @@ import functools
 import torch
 
 from . import _dispatch
-from .encode import check_encode, encode_pre, encode_pre_ref, pack_active, pack_mask, run_encode
+from .decode import weight_view
+from .encode import _flat, check_encode, encode_pre, encode_pre_ref, pack_active, pack_mask, run_encode
 
 
 @torch.no_grad()
@@ -57,13 +58,15 @@ def _select_batchtopk(x, W, b, backend: str, *, k: int):
 
 
 def batchtopk_encode(x, W_enc, b_enc, k: int, threshold: torch.Tensor | None = None,
-                     momentum: float = 0.001, *, backend: str | None = None):
-    """BatchTopK encode over the batch: k*B kept entries in all, a variable number per row.
+                     momentum: float = 0.001, *, layout: str = "fd", backend: str | None = None):
+    """BatchTopK encode over the batch: k*N kept entries in all, a variable number per row.
 
-    x [B, D], W_enc [F, D], b_enc [F]; k features per token on average.
+    x [..., D] (the batch is every leading position, N of them), W_enc [F, D] (row-major or
+    the .T view of a [D, F] tensor, read in place; ``layout="df"`` for a [D, F] tensor passed
+    as it is), b_enc [F] or None; k features per token on average.
     threshold: optional 0-dim tensor, the running threshold, moved in place (no grad) toward
     the smallest positive kept value by ``update_threshold`` with ``momentum``.
-    -> (vals [B, m], idx [B, m] int64), m = max(1, most kept in a row), padding vals 0.
+    -> (vals [..., m], idx [..., m] int64), m = max(1, most kept in a row), padding vals 0.
     Differentiable in x, W_enc, b_enc (sparse backward, as ``topk_encode``).
 
     Example::
@@ -72,16 +75,17 @@ def batchtopk_encode(x, W_enc, b_enc, k: int, threshold: torch.Tensor | None = N
         vals, idx = batchtopk_encode(x, W_enc, b_enc, k=32, threshold=theta)   # training
         vals, idx = relu_encode(x, W_enc, b_enc, threshold=theta)              # inference
     """
+    W = weight_view(W_enc, layout, "batchtopk_encode", "W_enc")
     bk = _dispatch.choose(x, backend=backend)
-    if bk == "reference":
-        check_encode(x, W_enc, b_enc)
-        return batchtopk_encode_ref(x, W_enc, b_enc, k, threshold, momentum)
+    check_encode(x, W, b_enc, "batchtopk_encode")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    check_encode(x, W_enc, b_enc)
+        raise ValueError(f"batchtopk_encode: k must be >= 1, got {k}")
+    if bk == "reference":
+        x2, restore = _flat(x)
+        return tuple(restore(t) for t in batchtopk_encode_ref(x2, W, b_enc, k, threshold, momentum))
     stats: dict = {}
-    select = functools.partial(_select_batchtopk, k=min(k, W_enc.shape[0]))
-    out = run_encode(x, W_enc, b_enc, select, bk, stats)
+    select = functools.partial(_select_batchtopk, k=min(k, W.shape[0]))
+    out = run_encode(x, W, b_enc, select, bk, stats)
     if threshold is not None:
         update_threshold(threshold, stats["kept_min"], momentum)
     return out

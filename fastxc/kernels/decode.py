@@ -43,6 +43,107 @@ def _triton():
     return triton_decode
 
 
+# ----------------------------------------------------------------------------- layouts, codes
+LAYOUTS = ("fd", "df")
+
+
+def weight_view(W, layout: str, op: str, name: str = "W_dec") -> torch.Tensor:
+    """The [F, D] table the kernels read, as a view of ``W`` (no copy).
+
+    layout "fd": W is [F, D], row-major or the ``.T`` view of a row-major [D, F] tensor;
+    layout "df": W is itself [D, F] (e.g. ``nn.Linear(F, D).weight``) and is read as ``W.T``.
+    A W in neither memory layout (a strided slice) is copied once, with ``.contiguous()``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"{op}: layout must be 'fd' ({name} [F, D], or the .T view of a [D, F] "
+                         f"tensor) or 'df' ({name} given as [D, F]), got {layout!r}")
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"{op}: {name} must be [F, D] (or [D, F] with layout='df'), got {shape}")
+    if layout == "df":
+        W = W.t()
+    if not (W.is_contiguous() or W.t().is_contiguous()):
+        W = W.contiguous()  # neither row- nor column-major: the kernels read one of the two
+    return W
+
+
+def is_transposed(W: torch.Tensor) -> bool:
+    """True when the [F, D] table W (from ``weight_view``) is the ``.T`` view of a row-major
+    [D, F] buffer, False when it is row-major itself (a size-1 dim counts as row-major)."""
+    return not W.is_contiguous()
+
+
+def table_buffer(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(row-major buffer, transposed): W itself, or the [D, F] tensor W is the ``.T`` of."""
+    return (W.t(), True) if is_transposed(W) else (W, False)
+
+
+def empty_table(like: torch.Tensor | None, n_rows: int, D: int, dtype, device=None,
+                pooled: bool = False) -> torch.Tensor:
+    """An uninitialised [n_rows, D] table in ``like``'s layout: row-major when like is None or
+    row-major, else the .T view of a row-major [D, n_rows] buffer (a gradient autograd then
+    stores in the [D, F] parameter as it is). pooled: from ``_pool`` (CPU only)."""
+    tr = like is not None and is_transposed(like)
+    shape = (D, n_rows) if tr else (n_rows, D)
+    buf = _pool.empty(shape, dtype) if pooled else torch.empty(shape, dtype=dtype, device=device)
+    return buf.t() if tr else buf
+
+
+def _layout_hint(W, name: str) -> str:
+    return (f"; if {name} is a [D, F] tensor, pass {name}.T or layout='df'"
+            if W.shape[0] != W.shape[1] else "")
+
+
+def flat_code(op: str, vals, idx, W, name: str = "W_dec"):
+    """Check a sparse code against the [F, D] table W and flatten it.
+
+    vals, idx [..., k] -> (vals [N, k], idx [N, k] int64 contiguous, leading shape). Padding
+    entries (idx -1) become feature 0 with value 0 (masked_fill: their dvals are 0). On CPU
+    tensors any other id outside [0, F) is a ValueError; on CUDA they are not checked (the
+    check would cost a device sync per call).
+    """
+    if not isinstance(vals, torch.Tensor) or not isinstance(idx, torch.Tensor) \
+            or vals.dim() < 1 or idx.shape != vals.shape:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                  for t in (vals, idx)]
+        raise ValueError(f"{op}: vals and idx must both be [..., k] (e.g. [B, k]); got "
+                         f"{shapes[0]} and {shapes[1]}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: idx must be int32 or int64, got {idx.dtype}")
+    lead, k = vals.shape[:-1], vals.shape[-1]
+    F = W.shape[0]
+    v = vals.reshape(-1, k)
+    i = idx.reshape(-1, k).long()
+    if i.device.type == "cuda":
+        pad = i < 0  # no sync: the masks run whatever the ids are
+        return v.masked_fill(pad, 0), i.masked_fill(pad, 0).contiguous(), lead
+    if i.numel():
+        lo, hi = (int(t) for t in torch.aminmax(i))
+        if hi >= F:
+            raise ValueError(f"{op}: idx holds feature id {hi}, but {name} [F, D] = "
+                             f"{list(W.shape)} has F={F} (ids must be in [0, F), or -1 for "
+                             f"padding){_layout_hint(W, name) if hi < W.shape[1] else ''}")
+        if lo < -1:
+            raise ValueError(f"{op}: idx holds {lo}; ids must be in [0, F={F}), or -1 for padding")
+        if lo == -1:
+            pad = i < 0
+            v, i = v.masked_fill(pad, 0), i.masked_fill(pad, 0)
+    return v, i.contiguous(), lead
+
+
+def unflatten(t: torch.Tensor, lead) -> torch.Tensor:
+    """t [N, m] -> [*lead, m]; t itself when that is its shape already (no view node)."""
+    shape = (*lead, t.shape[-1])
+    return t if tuple(t.shape) == shape else t.reshape(shape)
+
+
+def check_bias(op: str, b, n: int, name: str, what: str) -> None:
+    """ValueError unless b is None or a [n] tensor."""
+    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (n,)):
+        shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+        raise ValueError(f"{op}: {name} must be [{what}]=[{n}] or None, got {shape}")
+
+
 # ----------------------------------------------------------------------------- primitives
 def csr_by_feature(idx: torch.Tensor, n_features: int):
     """CSR index of the flat code entries by feature.
@@ -66,11 +167,25 @@ def csr_by_feature(idx: torch.Tensor, n_features: int):
 
 
 def gather_sum(idx, w, table, bias, backend: str, out_dtype=None):
-    """out[b] = sum_j w[b,j] * table[idx[b,j]] (+ bias). [B,k],[B,k],[F,D],[D] -> [B,D]."""
+    """out[b] = sum_j w[b,j] * table[idx[b,j]] (+ bias). [B,k],[B,k],[F,D],[D] -> [B,D].
+
+    table: row-major or the .T view of a row-major [D, F] tensor (``weight_view``)."""
     out_dtype = out_dtype or table.dtype
     if backend == "triton":
         return _triton().gather_sum(idx, w, table, bias, out_dtype)
-    out = embedding_bag(idx, table, per_sample_weights=w.to(table.dtype), mode="sum")
+    buf, tr = table_buffer(table)
+    wf = w if w.dtype == torch.float32 else w.float()
+    C = _cext.usable(idx, wf, buf, *((bias,) if bias is not None else ()))
+    if C is not None and idx.dtype == torch.int64 and buf.dtype == out_dtype == torch.float32 \
+            and (bias is None or bias.dtype == torch.float32):
+        out = torch.empty(idx.shape[0], table.shape[1], dtype=torch.float32)
+        a = _cext.as_numpy
+        C.gather_sum(a(idx), a(wf.contiguous()), a(buf), tr,
+                     a(bias if bias is not None else torch.empty(0)), a(out))
+        return out
+    # torch path (no C++ extension, or bf16): embedding_bag reads a row-major table, so a
+    # transposed view is copied here (only here: the C++ kernel reads it in place)
+    out = embedding_bag(idx, table.contiguous(), per_sample_weights=w.to(table.dtype), mode="sum")
     if bias is not None:
         out += bias
     return out.to(out_dtype)
@@ -79,29 +194,41 @@ def gather_sum(idx, w, table, bias, backend: str, out_dtype=None):
 def gather_dot(idx, g, table, backend: str):
     """out[b, j] = <g[b], table[idx[b, j]]> in float32. [B,k],[B,D],[F,D] -> [B,k]."""
     B, k = idx.shape
-    D = table.shape[1]
+    F, D = table.shape
     out = torch.empty(B, k, dtype=torch.float32, device=table.device)
     if backend == "triton":
         return _triton().gather_dot(idx, g, table, out)
-    C = _cext.usable(idx, g, table)
+    buf, tr = table_buffer(table)
+    C = _cext.usable(idx, g, buf)
     if C is not None and idx.dtype == torch.int64:
-        C.gather_dot(_cext.as_numpy(idx), _cext.as_numpy(g), _cext.as_numpy(table),
-                     _cext.as_numpy(out))
+        a = _cext.as_numpy
+        if not tr:
+            C.gather_dot(a(idx), a(g), a(buf), a(out))
+            return out
+        # [D, F]: the dots of each feature's entries from one copied block of its columns
+        # (the scatter kernel with no output), the same sums as the [F, D] kernel
+        crow, order = csr_by_feature(idx, F)
+        none = torch.empty(0, dtype=torch.float32)
+        C.scatter_rows(a(crow), a(order), _entries_per_row(idx), a(none), a(g), a(none),
+                       a(buf), a(out.view(-1)), a(none), a(none.view(0, 0)),
+                       a(torch.empty(0, dtype=torch.int32)), True)
         return out
     rows = max(1, _CPU_DOT_CHUNK_BYTES // max(1, k * D * table.element_size()))
     gd = g.to(table.dtype)
     for s in range(0, B, rows):
         e = min(B, s + rows)
-        blk = table[idx[s:e]]  # [c, k, D] stays cache-sized
+        blk = table[idx[s:e]]  # [c, k, D] stays cache-sized (a transposed view is read in place)
         out[s:e] = torch.bmm(blk, gd[s:e].unsqueeze(-1)).squeeze(-1).float()
     return out
 
 
 def scatter_rows(idx, crow, order, w, x, n_rows: int, backend: str, out_dtype, pen=None,
-                 dot_table=None):
+                 dot_table=None, like=None):
     """out[f] = sum_{e in CSR row f} w_flat[e] * x[e // k]  (+ penalty term), every row once.
 
-    crow/order from ``csr_by_feature``; w [B, k]; x [B, D]; -> [n_rows, D] in ``out_dtype``.
+    crow/order from ``csr_by_feature``; w [B, k]; x [B, D]; -> [n_rows, D] in ``out_dtype``,
+    in the layout of ``like`` (the weight table the output is the gradient of: row-major, or
+    the .T view of a row-major [D, n_rows] buffer; None: row-major).
     pen: None or (c [F] float32, W_dec [F, D], inv_norm [F, S] float32, col_src [D] int32);
     adds c[f] * W_dec[f, d] * inv_norm[f, src(d)].
     dot_table: None or [F, D]; then also returns dots [B, k] float32 with
@@ -109,13 +236,13 @@ def scatter_rows(idx, crow, order, w, x, n_rows: int, backend: str, out_dtype, p
     over each active row by the C++ kernel) -> (out, dots).
     """
     both = None if backend == "triton" else _scatter_rows_cpp(idx, crow, order, w, x, n_rows,
-                                                              out_dtype, pen, dot_table)
+                                                              out_dtype, pen, dot_table, like)
     if both is not None:
         out, dots = both
     else:
         dots = gather_dot(idx, x, dot_table, backend) if dot_table is not None else None
         scatter = _triton().scatter_rows if backend == "triton" else _scatter_rows_torch
-        out = scatter(idx, crow, order, w, x, n_rows, out_dtype, pen)
+        out = scatter(idx, crow, order, w, x, n_rows, out_dtype, pen, like)
     return out if dot_table is None else (out, dots)
 
 
@@ -124,29 +251,32 @@ def _entries_per_row(idx) -> int:
     return max(1, idx.shape[1]) if idx.dim() == 2 else 1
 
 
-def _scatter_rows_cpp(idx, crow, order, w, x, n_rows, out_dtype, pen, dot_table):
+def _scatter_rows_cpp(idx, crow, order, w, x, n_rows, out_dtype, pen, dot_table, like):
     """The C++ kernel -> (out, dots or None), or None where it does not apply (it takes fp32,
-    int64 ids and contiguous CPU tensors); it computes the dots in the same pass."""
+    int64 ids and tables in one layout, ``like``'s); it computes the dots in the same pass."""
+    tr = like is not None and is_transposed(like)
+    tables = [t for t in (dot_table, pen[1] if pen is not None else None) if t is not None]
+    if any(is_transposed(t) != tr for t in tables):
+        return None
     C = _cext.usable(idx, x, w, *(pen if pen is not None else ()),
-                     *((dot_table,) if dot_table is not None else ()))
+                     *(table_buffer(t)[0] for t in tables))
     if C is None or out_dtype != torch.float32 or idx.dtype != torch.int64:
         return None
-    out = _pool.empty((n_rows, x.shape[1]), torch.float32)
+    out = empty_table(like, n_rows, x.shape[1], torch.float32, pooled=True)
     none = torch.empty(0, dtype=torch.float32)  # an absent argument is an empty array
     dots = torch.empty(idx.shape, dtype=torch.float32) if dot_table is not None else none
     if pen is not None:
         c, wdec, inv, colsrc = pen
     else:
         c, wdec, inv, colsrc = none, dot_table, none.view(0, 0), torch.empty(0, dtype=torch.int32)
-    if wdec is None:
-        wdec = none.view(0, 0)
+    wdec = table_buffer(wdec)[0] if wdec is not None else none.view(0, 0)
     a = _cext.as_numpy
-    C.scatter_rows(a(crow), a(order), _entries_per_row(idx), a(w.reshape(-1)), a(x), a(out),
-                   a(wdec), a(dots.view(-1)), a(c), a(inv), a(colsrc))
+    C.scatter_rows(a(crow), a(order), _entries_per_row(idx), a(w.reshape(-1)), a(x),
+                   a(table_buffer(out)[0]), a(wdec), a(dots.view(-1)), a(c), a(inv), a(colsrc), tr)
     return out, (dots if dot_table is not None else None)
 
 
-def _scatter_rows_torch(idx, crow, order, w, x, n_rows, out_dtype, pen):
+def _scatter_rows_torch(idx, crow, order, w, x, n_rows, out_dtype, pen, like=None):
     # embedding_bag with one bag per feature (offsets = crow) writes each row once; empty bags
     # come out as zero rows
     tok = order // _entries_per_row(idx)
@@ -160,12 +290,17 @@ def _scatter_rows_torch(idx, crow, order, w, x, n_rows, out_dtype, pen):
         if rows.numel():
             scale = (c[rows, None] * inv[rows])[:, colsrc.long()]  # [R, D]
             out.index_add_(0, rows, (scale * wdec[rows].float()).to(out_dtype))
+    if like is not None and is_transposed(like):
+        # torch path only (no C++ extension, or bf16): one copy into the table's layout, so
+        # autograd still stores the gradient in the parameter without another
+        out = empty_table(like, n_rows, x.shape[1], out_dtype, out.device).copy_(out)
     return out
 
 
 # ----------------------------------------------------------------------------- autograd
 class _SparseDecodeFn(torch.autograd.Function):
-    """(vals, W_dec, b_dec) -> recon; idx is a constant."""
+    """(vals, W_dec, b_dec) -> recon; idx is a constant. W_dec [F, D] is read in its own
+    layout and dW_dec comes back in it."""
 
     @staticmethod
     def forward(ctx, vals, idx, W_dec, b_dec, backend):
@@ -183,7 +318,7 @@ class _SparseDecodeFn(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             crow, order = csr_by_feature(idx, W_dec.shape[0])
             dW = scatter_rows(idx, crow, order, vals, g, W_dec.shape[0], bk, W_dec.dtype,
-                              dot_table=W_dec if ctx.needs_input_grad[0] else None)
+                              dot_table=W_dec if ctx.needs_input_grad[0] else None, like=W_dec)
             if ctx.needs_input_grad[0]:
                 dW, dvals = dW
                 dvals = dvals.to(vals.dtype)
@@ -194,37 +329,38 @@ class _SparseDecodeFn(torch.autograd.Function):
         return dvals, None, dW, db, None
 
 
-def check_code(vals, idx, W):
-    """ValueError unless vals, idx are both [B, k] (idx int32/int64) and W is [F, D]."""
-    if vals.dim() != 2 or idx.shape != vals.shape:
-        raise ValueError(f"vals and idx must both be [B, k]; got {tuple(vals.shape)} and "
-                         f"{tuple(idx.shape)}")
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"idx must be int32 or int64, got {idx.dtype}")
-    if W.dim() != 2:
-        raise ValueError(f"decoder must be [F, D], got shape {tuple(W.shape)}")
+def check_code(vals, idx, W, op: str = "sparse_decode"):
+    """ValueError unless vals, idx are both [..., k] (idx int32/int64) and W is 2-D [F, D]."""
+    weight_view(W, "fd", op)
+    flat_code(op, vals, idx, W)
 
 
-def sparse_decode(vals, idx, W_dec, b_dec=None, *, backend: str | None = None):
-    """Decode a sparse code: recon[b] = sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec.
+def sparse_decode(vals, idx, W_dec, b_dec=None, *, layout: str = "fd", backend: str | None = None):
+    """Decode a sparse code: recon[..., :] = sum_j vals[..., j] * W_dec[idx[..., j]] + b_dec.
 
-    vals [B, k] float, idx [B, k] int32/int64, W_dec [F, D] (feature-major), b_dec [D] or None
-    -> recon [B, D] in W_dec's dtype (fp32 accumulation). fp32 and bf16.
-    Differentiable in vals, W_dec and b_dec. dW_dec is written once per row through a CSR
-    index by feature (sorted, deterministic, no atomics).
+    vals [..., k] float, idx [..., k] int32/int64 (-1: padding, ignored), W_dec [F, D]
+    (row-major, or the .T view of a [D, F] tensor: read in place; ``layout="df"`` for a
+    [D, F] tensor passed as it is), b_dec [D] or None -> recon [..., D] in W_dec's dtype
+    (fp32 accumulation). fp32 and bf16. Differentiable in vals, W_dec and b_dec; dW_dec comes
+    back in W_dec's layout, written once per row through a CSR index by feature (sorted,
+    deterministic, no atomics).
 
     Example::
 
         vals, idx = topk_encode(x, W_enc, b_enc, k=32)
         recon = sparse_decode(vals, idx, W_dec, b_dec)
+        recon = sparse_decode(vals, idx, linear.weight.T)   # nn.Linear(F, D) decoder, no copy
     """
-    check_code(vals, idx, W_dec)
-    bk = _dispatch.choose(W_dec, backend=backend)
+    W = weight_view(W_dec, layout, "sparse_decode")
+    F, D = W.shape
+    v, i, lead = flat_code("sparse_decode", vals, idx, W)
+    check_bias("sparse_decode", b_dec, D, "b_dec", "D")
+    bk = _dispatch.choose(W, backend=backend)
     if bk == "reference":
-        return sparse_decode_ref(vals, idx, W_dec, b_dec)
-    # contiguous operands: the C++ / Triton kernels index raw row-major buffers
-    return _SparseDecodeFn.apply(vals.contiguous(), idx.long().contiguous(), W_dec.contiguous(),
-                                 b_dec, bk)
+        out = sparse_decode_ref(v, i, W, b_dec)
+    else:  # the kernels read W in place, in either layout
+        out = _SparseDecodeFn.apply(v.contiguous(), i, W, b_dec, bk)
+    return unflatten(out, lead)
 
 
 # ----------------------------------------------------------------------------- reference

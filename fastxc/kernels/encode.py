@@ -21,6 +21,11 @@ bf16 / fp16 x fp16 on tensor cores as they are; any other pair, e.g. x fp32 with
 fp32). fp32 products follow ``torch.get_float32_matmul_precision()`` on the GPU: "highest" is
 exact IEEE, "high" / "medium" TF32 (tests/test_encode.py measures what TF32 does to the
 selection). The CPU path computes in fp32 with torch's own GEMM.
+
+Inputs: x [..., D] (flattened to [N, D], the code restored to [..., k]); W_enc [F, D] read in
+place, row-major or the .T view of a row-major [D, F] tensor (``layout="df"`` for a [D, F]
+tensor passed as it is: SAELens' W_enc); dW_enc comes back in W_enc's layout; b_enc [F] or
+None (no encoder bias).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import functools
 import torch
 
 from . import _cext, _dispatch, _pool
-from .decode import csr_by_feature, gather_sum, scatter_rows
+from .decode import check_bias, csr_by_feature, gather_sum, scatter_rows, unflatten, weight_view
 
 # CPU: the encoder GEMM runs over row chunks of at most this many rows, so the live fp32
 # pre-activation block is at most [1024, F] (one [B, F] buffer at the benchmark shape) for any
@@ -46,11 +51,16 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- CPU and selection
+def _bias(b, W):
+    """b, or zeros [F] in W's dtype for an encoder without bias (b None)."""
+    return b if b is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+
+
 def _cpu_pre_chunks(x, W, b):
     """Yield (row start, row end, [rows, F] float32 pre) chunks; MKL GEMM with the bias fused
-    (addmm)."""
+    (addmm). W [F, D] in either layout (the GEMM reads W.T as it is)."""
     # the casting rule (triton_encode.py): products of the fp32 operands
-    x, W, b = (t if t.dtype == torch.float32 else t.float() for t in (x, W, b))
+    x, W, b = (t if t.dtype == torch.float32 else t.float() for t in (x, W, _bias(b, W)))
     Wt = W.t()
     B = x.shape[0]
     for s in range(0, B, _CPU_CHUNK_ROWS):
@@ -59,9 +69,10 @@ def _cpu_pre_chunks(x, W, b):
 
 
 def encode_pre(x, W, b, backend: str) -> torch.Tensor:
-    """The whole [B, F] float32 pre-activation x @ W.T + b (for selections over the batch)."""
+    """The whole [B, F] float32 pre-activation x @ W.T + b (for selections over the batch);
+    b None: no bias."""
     if backend == "triton":
-        return _triton().pre(x, W, b)
+        return _triton().pre(x, W, _bias(b, W))
     return torch.cat([p for _, _, p in _cpu_pre_chunks(x, W, b)])
 
 
@@ -84,6 +95,7 @@ def pack_active(pre: torch.Tensor, mask: torch.Tensor):
 
 def _select_topk(x, W, b, backend: str, *, k: int):
     """-> (relu'd vals [B, k] float32, idx [B, k] int64, None)."""
+    b = _bias(b, W)
     if backend == "triton":
         v, i = _triton().topk(x, W, b, k)
         return torch.relu_(v), i, None
@@ -113,7 +125,7 @@ def _select_relu(x, W, b, backend: str, *, theta):
     """-> (vals [B, m] float32, idx [B, m] int64, None): the entries with pre > theta."""
     th = _theta_vec(theta, W.shape[0], x.device)
     if backend == "triton":
-        act = _triton().pre(x, W, b, th)
+        act = _triton().pre(x, W, _bias(b, W), th)
         return (*pack_active(act, act != 0), None)
     chunks = []
     for _, _, pre in _cpu_pre_chunks(x, W, b):
@@ -160,7 +172,7 @@ class _EncodeFn(torch.autograd.Function):
             dx = gather_sum(idx, g, W, None, bk, out_dtype=x.dtype)
         if ctx.needs_input_grad[1]:
             crow, order = csr_by_feature(idx, W.shape[0])
-            dW = scatter_rows(idx, crow, order, g, x, W.shape[0], bk, W.dtype)
+            dW = scatter_rows(idx, crow, order, g, x, W.shape[0], bk, W.dtype, like=W)
         if ctx.needs_input_grad[2]:
             db = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device)
             db.index_add_(0, idx.reshape(-1), g.reshape(-1))
@@ -168,71 +180,97 @@ class _EncodeFn(torch.autograd.Function):
         return dx, dW, db, None, None, None
 
 
-def check_encode(x, W_enc, b_enc):
-    """ValueError unless x is [B, D], W_enc [F, D] and b_enc [F]."""
-    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
-        raise ValueError(f"x must be [B, D] and W_enc [F, D]; got {tuple(x.shape)} and "
-                         f"{tuple(W_enc.shape)}")
-    if b_enc.shape != (W_enc.shape[0],):
-        raise ValueError(f"b_enc must be [F]={W_enc.shape[0]}, got {tuple(b_enc.shape)}")
+def check_encode(x, W_enc, b_enc, op: str = "encode"):
+    """ValueError unless x is [..., D], W_enc [F, D] (2-D, any layout) and b_enc [F] or None."""
+    if not isinstance(W_enc, torch.Tensor) or W_enc.dim() != 2:
+        shape = tuple(W_enc.shape) if isinstance(W_enc, torch.Tensor) else type(W_enc).__name__
+        raise ValueError(f"{op}: W_enc must be [F, D] (or [D, F] with layout='df'), got {shape}")
+    F, D = W_enc.shape
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != D:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        hint = ("; W_enc looks like [D, F]: pass W_enc.T or layout='df'"
+                if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == F else "")
+        raise ValueError(f"{op}: x must be [..., D] and W_enc [F, D]; got x {shape} and W_enc "
+                         f"{tuple(W_enc.shape)}{hint}")
+    check_bias(op, b_enc, F, "b_enc", "F")
 
 
 def run_encode(x, W_enc, b_enc, select, backend: str, stats: dict | None = None):
-    """The encode ops' fast path: ``_EncodeFn`` with the selection ``select`` -> (vals, idx)."""
-    return _EncodeFn.apply(x.contiguous(), W_enc.contiguous(), b_enc, select, backend,
-                           {} if stats is None else stats)
+    """The encode ops' fast path: ``_EncodeFn`` with the selection ``select`` -> (vals, idx).
+
+    x [..., D] (``select`` sees it flattened to [N, D]; the code comes back [..., m]);
+    W_enc [F, D] in either layout (read in place); b_enc [F] or None (``select`` gets None).
+    """
+    W = weight_view(W_enc, "fd", "encode", "W_enc")
+    lead, D = x.shape[:-1], x.shape[-1]
+    vals, idx = _EncodeFn.apply(x.reshape(-1, D).contiguous(), W, b_enc, select, backend,
+                                {} if stats is None else stats)
+    return unflatten(vals, lead), unflatten(idx, lead)
 
 
-def topk_encode(x, W_enc, b_enc, k: int, *, backend: str | None = None):
+def _flat(x):
+    """x [..., D] -> ([N, D], restore): restore(t [N, m]) -> [..., m]."""
+    lead = x.shape[:-1]
+    return x.reshape(-1, x.shape[-1]), lambda t: unflatten(t, lead)
+
+
+def topk_encode(x, W_enc, b_enc, k: int, *, layout: str = "fd", backend: str | None = None):
     """TopK encode: the k largest entries of pre = x @ W_enc.T + b_enc per row, ReLU applied.
 
-    x [B, D], W_enc [F, D] (feature-major, like nn.Linear.weight), b_enc [F]; fp32 or bf16.
-    -> vals [B, k] (x's dtype; entries whose pre <= 0 are 0), idx [B, k] int64 (order within a
-    row unspecified). Differentiable in x, W_enc and b_enc; backward never builds a [B, F]
-    tensor (dW_enc is a scatter by feature, written once per row).
+    x [..., D], W_enc [F, D] (like nn.Linear.weight; or the .T view of a [D, F] tensor, read in
+    place; ``layout="df"`` for a [D, F] tensor passed as it is), b_enc [F] or None; fp32 or
+    bf16. -> vals [..., k] (x's dtype; entries whose pre <= 0 are 0), idx [..., k] int64 (order
+    within a row unspecified). Differentiable in x, W_enc and b_enc; backward never builds a
+    [B, F] tensor (dW_enc is a scatter by feature, written once per row, in W_enc's layout).
 
     Example::
 
         vals, idx = topk_encode(x, W_enc, b_enc, k=32)
         recon = sparse_decode(vals, idx, W_dec, b_dec)
     """
+    W = weight_view(W_enc, layout, "topk_encode", "W_enc")
     bk = _dispatch.choose(x, backend=backend)
-    check_encode(x, W_enc, b_enc)
+    check_encode(x, W, b_enc, "topk_encode")
+    if not 1 <= k <= W.shape[0]:
+        raise ValueError(f"topk_encode: k must be in [1, F={W.shape[0]}], got {k}")
     if bk == "reference":
-        return topk_encode_ref(x, W_enc, b_enc, k)
-    if not 1 <= k <= W_enc.shape[0]:
-        raise ValueError(f"k must be in [1, F={W_enc.shape[0]}], got {k}")
-    return run_encode(x, W_enc, b_enc, functools.partial(_select_topk, k=k), bk)
+        x2, restore = _flat(x)
+        return tuple(restore(t) for t in topk_encode_ref(x2, W, b_enc, k))
+    return run_encode(x, W, b_enc, functools.partial(_select_topk, k=k), bk)
 
 
-def relu_encode(x, W_enc, b_enc, threshold=None, *, backend: str | None = None):
+def relu_encode(x, W_enc, b_enc, threshold=None, *, layout: str = "fd", backend: str | None = None):
     """ReLU (threshold None) or JumpReLU (f = pre * (pre > theta)) encode, as a sparse code.
 
-    x [B, D], W_enc [F, D], b_enc [F]; threshold None, a float or a [F] tensor (it receives no
-    gradient; learn it with your own straight-through estimator).
-    -> (vals [B, m], idx [B, m] int64) with m = max(1, most active features in a row); padding
-    entries have vals 0. Feed them to ``sparse_decode`` / ``crosscoder_loss``.
+    x [..., D], W_enc [F, D] (either layout, as ``topk_encode``), b_enc [F] or None; threshold
+    None, a float or a [F] tensor (it receives no gradient; learn it with your own
+    straight-through estimator).
+    -> (vals [..., m], idx [..., m] int64) with m = max(1, most active features in a row);
+    padding entries have vals 0. Feed them to ``sparse_decode`` / ``crosscoder_loss``.
 
     Example::
 
         vals, idx = relu_encode(x, W_enc, b_enc)            # relu
         vals, idx = relu_encode(x, W_enc, b_enc, theta)     # jumprelu, theta [F]
     """
+    W = weight_view(W_enc, layout, "relu_encode", "W_enc")
     bk = _dispatch.choose(x, backend=backend)
-    check_encode(x, W_enc, b_enc)
+    check_encode(x, W, b_enc, "relu_encode")
     if bk == "reference":
-        return relu_encode_ref(x, W_enc, b_enc, threshold)
-    return run_encode(x, W_enc, b_enc, functools.partial(_select_relu, theta=threshold), bk)
+        x2, restore = _flat(x)
+        return tuple(restore(t) for t in relu_encode_ref(x2, W, b_enc, threshold))
+    return run_encode(x, W, b_enc, functools.partial(_select_relu, theta=threshold), bk)
 
 
 # ----------------------------------------------------------------------------- reference
 def encode_pre_ref(x, W_enc, b_enc):
-    """pre = x @ W_enc.T + b_enc  ([B, D] x [F, D] -> [B, F]); x and W_enc of different dtypes
-    are both cast to their promoted dtype (x fp32 with W bf16: fp32)."""
+    """pre = x @ W_enc.T + b_enc  ([B, D] x [F, D] -> [B, F]; b_enc None: no bias); x and
+    W_enc of different dtypes are both cast to their promoted dtype (x fp32 with W bf16: fp32)."""
     if x.dtype != W_enc.dtype:
         dt = torch.promote_types(x.dtype, W_enc.dtype)
         x, W_enc = x.to(dt), W_enc.to(dt)
-    return x @ W_enc.t() + b_enc
+    pre = x @ W_enc.t()
+    return pre if b_enc is None else pre + b_enc
 
 
 def pack_mask(pre: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,10 @@ Backward: with G = dL/drecon (the residual times a per-source factor),
     dW_dec[f]  = sum_{idx[b,j]=f} vals[b,j] G[b] + g_pen c_f W_dec[f, src_i] / ||W_dec[f, src_i]||
                  (c_f = sum of the vals of feature f): one CSR-by-feature pass writes it once.
 ``source_mse`` is the per-source error alone, for a reconstruction made elsewhere.
+
+Shapes: vals, idx [..., k] (idx -1: padding), x [..., D]; the means are over all N leading
+positions (B above = N). W_dec [F, D] is read in place, row-major or the .T view of a [D, F]
+tensor (``layout="df"`` for a [D, F] tensor passed as it is); dW_dec comes back in its layout.
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _cext, _dispatch
-from ._sources import check_widths, col_src, col_src_long, offsets_of, source_sums
-from .decode import (check_code, csr_by_feature, gather_dot, gather_sum, scatter_rows,
-                     sparse_decode_ref)
+from ._sources import check_decoder_widths, check_widths, col_src, col_src_long, offsets_of, source_sums
+from .decode import (check_bias, csr_by_feature, flat_code, gather_dot, gather_sum, scatter_rows,
+                     sparse_decode_ref, table_buffer, unflatten, weight_view)
 from .penalty import decoder_norm_penalty_ref, decoder_norms, feature_sums, inverse_norms
 
 BLOCK_M = 32  # batch rows per step of the column-statistics loop (triton_loss.py)
@@ -69,8 +73,9 @@ def _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend):
     """
     if backend != "cpu" or idx.dtype != torch.int64:
         return None
-    C = _cext.usable(vals, W_dec, x, *((b_dec,) if b_dec is not None else ()))
-    if C is None:
+    wbuf, tr = table_buffer(W_dec)
+    C = _cext.usable(vals, wbuf, x, *((b_dec,) if b_dec is not None else ()))
+    if C is None or any(t.dtype != torch.float32 for t in (vals, wbuf, x)):
         return None
     B, D = x.shape
     recon = torch.empty(B, D)
@@ -78,7 +83,7 @@ def _fused_decode_loss(vals, idx, W_dec, b_dec, x, widths, backend):
     stats = torch.empty(len(widths), dtype=torch.float64)
     colsum = torch.empty(2, D, dtype=torch.float64)
     a = _cext.as_numpy
-    C.decode_loss_fwd(a(idx), a(vals), a(W_dec), a(b_dec if b_dec is not None else torch.empty(0)),
+    C.decode_loss_fwd(a(idx), a(vals), a(wbuf), tr, a(b_dec if b_dec is not None else torch.empty(0)),
                       a(x), a(col_src(widths, x.device)), a(recon), a(resid), a(stats), a(colsum))
     colvar = (colsum[1] - colsum[0].pow(2) / max(B, 1)).clamp_min_(0)
     return recon, resid, stats.float(), source_sums(colvar, widths).float()
@@ -144,7 +149,7 @@ class _CrosscoderLossFn(torch.autograd.Function):
                 c = feature_sums(vals, idx, W.shape[0])
                 pen = (c * gp, W, inverse_norms(norms), col_src(widths, dev))
             dW = scatter_rows(idx, crow, order, vals, G, W.shape[0], bk, W.dtype, pen,
-                              dot_table=W if ctx.needs_input_grad[0] else None)
+                              dot_table=W if ctx.needs_input_grad[0] else None, like=W)
             if ctx.needs_input_grad[0]:
                 dW, dvals = dW
         elif ctx.needs_input_grad[0]:
@@ -159,15 +164,18 @@ class _CrosscoderLossFn(torch.autograd.Function):
 
 
 def crosscoder_loss(vals, idx, W_dec, b_dec, x, widths: Sequence[int], penalty_coef: float = 0.0,
-                    with_penalty: bool | None = None, *, backend: str | None = None) -> LossOutput:
+                    with_penalty: bool | None = None, *, layout: str = "fd",
+                    backend: str | None = None) -> LossOutput:
     """Decode a sparse code and compute the crosscoder loss in one op (see module docstring).
 
-    vals [B, k], idx [B, k] int, W_dec [F, D], b_dec [D] or None, x [B, D] (target, no grad),
-    widths: the source widths (sum = D, unequal allowed). fp32 / bf16 (fp32 accumulation).
-    penalty_coef: weight of the decoder-norm penalty (the penalty is computed when it is
-    non-zero, or when with_penalty=True).
-    -> LossOutput(loss, recon [B, D], mse [n], fvu [n], penalty); every output differentiable
-    into vals, W_dec and b_dec.
+    vals [..., k], idx [..., k] int (-1: padding), W_dec [F, D] (row-major or the .T view of a
+    [D, F] tensor, read in place; ``layout="df"`` for a [D, F] tensor passed as it is),
+    b_dec [D] or None, x [..., D] (target, no grad), widths: the source widths (sum = D,
+    unequal allowed). fp32 / bf16 (fp32 accumulation). The means are over all leading
+    positions. penalty_coef: weight of the decoder-norm penalty (the penalty is computed when
+    it is non-zero, or when with_penalty=True).
+    -> LossOutput(loss, recon [..., D], mse [n], fvu [n], penalty); every output
+    differentiable into vals, W_dec and b_dec.
 
     Example::
 
@@ -175,19 +183,26 @@ def crosscoder_loss(vals, idx, W_dec, b_dec, x, widths: Sequence[int], penalty_c
         out = crosscoder_loss(vals, idx, W_dec, b_dec, x, widths=[512, 512], penalty_coef=2.0)
         out.loss.backward()
     """
-    check_code(vals, idx, W_dec)
-    widths = check_widths(widths, W_dec.shape[1])
-    if x.shape != (vals.shape[0], W_dec.shape[1]):
-        raise ValueError(f"x must be [B, D]=[{vals.shape[0]}, {W_dec.shape[1]}], got {tuple(x.shape)}")
+    op = "crosscoder_loss"
+    W = weight_view(W_dec, layout, op)
+    widths = check_decoder_widths(op, widths, W)
+    F, D = W.shape
+    v, i, lead = flat_code(op, vals, idx, W)
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != (*lead, D):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be [..., D]={[*lead, D]} (vals' leading shape, W_dec's "
+                         f"D), got {shape}")
+    check_bias(op, b_dec, D, "b_dec", "D")
+    x2 = x.reshape(-1, D)
     want_pen = penalty_coef != 0.0 if with_penalty is None else bool(with_penalty)
-    bk = _dispatch.choose(W_dec, backend=backend)
+    bk = _dispatch.choose(W, backend=backend)
     if bk == "reference":
-        return crosscoder_loss_ref(vals, idx, W_dec, b_dec, x, widths, penalty_coef, want_pen)
-    # contiguous operands: the C++ / Triton kernels index raw row-major buffers
-    idx = idx.long().contiguous()
-    return LossOutput(*_CrosscoderLossFn.apply(vals.contiguous(), idx, W_dec.contiguous(), b_dec,
-                                               x.detach().contiguous(), widths,
-                                               float(penalty_coef), want_pen, bk))
+        out = crosscoder_loss_ref(v, i, W, b_dec, x2, widths, penalty_coef, want_pen)
+    else:  # the kernels read W in place, in either layout
+        out = LossOutput(*_CrosscoderLossFn.apply(v.contiguous(), i, W, b_dec,
+                                                  x2.detach().contiguous(), widths,
+                                                  float(penalty_coef), want_pen, bk))
+    return out._replace(recon=unflatten(out.recon, lead))
 
 
 # ----------------------------------------------------------------------------- source_mse
@@ -210,18 +225,23 @@ class _SourceMseFn(torch.autograd.Function):
 
 
 def source_mse(recon, x, widths: Sequence[int], *, backend: str | None = None):
-    """Per-source reconstruction error: recon, x [B, D]; widths sum to D.
+    """Per-source reconstruction error: recon, x [..., D] (the mean is over every leading
+    position); widths sum to D.
 
-    -> (mse [n] float32 = mean_b ||recon_i - x_i||^2, fvu [n] float32). x gets no gradient.
+    -> (mse [n] float32 = mean ||recon_i - x_i||^2, fvu [n] float32). x gets no gradient.
     Example: ``mse, fvu = source_mse(recon, x, [512, 768])``.
     """
-    widths = check_widths(widths, recon.shape[1])
+    if not isinstance(recon, torch.Tensor) or recon.dim() < 1:
+        raise ValueError(f"source_mse: recon must be a [..., D] tensor, got {type(recon).__name__}")
+    widths = check_widths(widths, recon.shape[-1])
     if x.shape != recon.shape:
-        raise ValueError(f"recon {tuple(recon.shape)} and x {tuple(x.shape)} differ in shape")
+        raise ValueError(f"source_mse: recon {tuple(recon.shape)} and x {tuple(x.shape)} differ in shape")
+    D = recon.shape[-1]
+    r2, x2 = recon.reshape(-1, D), x.reshape(-1, D)
     bk = _dispatch.choose(recon, backend=backend)
     if bk == "reference":
-        return source_mse_ref(recon, x, widths)
-    return _SourceMseFn.apply(recon.contiguous(), x.detach().contiguous(), widths, bk)
+        return source_mse_ref(r2, x2, widths)
+    return _SourceMseFn.apply(r2.contiguous(), x2.detach().contiguous(), widths, bk)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -9,6 +9,10 @@ Backward, with c_f = sum of the code values of feature f:
     dW_dec[f, d] = c_f * W_dec[f, d] / ||W_dec[f, src(d)]||  (0 for a zero slice, not NaN)
 No Triton kernel of its own: the Triton path writes dW_dec with ``decode.scatter_rows``'s
 penalty epilogue over an empty code (the fused loss adds the same term to its scatter).
+
+Shapes: vals, idx [..., k] (idx -1: padding), a dense code [..., F]; W_dec [F, D] is read in
+place, row-major or the .T view of a [D, F] tensor (``layout="df"`` for a [D, F] tensor
+passed as it is), and dW_dec comes back in its layout.
 """
 from __future__ import annotations
 
@@ -17,12 +21,16 @@ from typing import Sequence
 import torch
 
 from . import _dispatch
-from ._sources import check_widths, col_src, offsets_of
-from .decode import check_code, scatter_rows
+from ._sources import check_decoder_widths, col_src, offsets_of
+from .decode import empty_table, flat_code, scatter_rows, weight_view
 
 
-def decoder_norms(W_dec, widths) -> torch.Tensor:
-    """[F, n_sources] float32 L2 norm of each source's slice of each decoder row (no grad)."""
+def decoder_norms(W_dec, widths, *, layout: str = "fd") -> torch.Tensor:
+    """[F, n_sources] float32 L2 norm of each source's slice of each decoder row (no grad).
+
+    W_dec [F, D] (row-major or the .T view of a [D, F] tensor; ``layout="df"``: [D, F])."""
+    W_dec = weight_view(W_dec, layout, "decoder_norms")
+    widths = check_decoder_widths("decoder_norms", widths, W_dec)
     o = offsets_of(widths)
     Wf = W_dec.detach()
     return torch.stack([torch.linalg.vector_norm(Wf[:, o[i]:o[i + 1]], dim=1, dtype=torch.float32)
@@ -45,13 +53,17 @@ def _penalty_grad_W(c, W_dec, norms, widths, backend):
     """dW[f, d] = c[f] * W_dec[f, d] / ||W_dec[f, src(d)]|| -> [F, D] in W_dec's dtype."""
     colsrc = col_src(widths, W_dec.device)
     if backend == "triton":
-        F = W_dec.shape[0]
+        F, D = W_dec.shape
         crow = torch.zeros(F + 1, dtype=torch.int64, device=W_dec.device)
         empty = torch.zeros(0, dtype=torch.int64, device=W_dec.device)
-        return scatter_rows(empty.view(0, 1), crow, empty, torch.zeros(0, device=W_dec.device), W_dec, F,
-                            backend, W_dec.dtype, pen=(c, W_dec, inverse_norms(norms), colsrc))
+        no_rows = torch.zeros(0, D, dtype=W_dec.dtype, device=W_dec.device)  # an empty code's x
+        return scatter_rows(empty.view(0, 1), crow, empty, torch.zeros(0, device=W_dec.device),
+                            no_rows, F, backend, W_dec.dtype,
+                            pen=(c, W_dec, inverse_norms(norms), colsrc), like=W_dec)
     scale = (c[:, None] * inverse_norms(norms))[:, colsrc.long()]
-    return (W_dec.float() * scale).to(W_dec.dtype)
+    # written into W_dec's layout (autograd then stores it in the parameter without a copy)
+    out = empty_table(W_dec, W_dec.shape[0], W_dec.shape[1], W_dec.dtype, W_dec.device)
+    return out.copy_(W_dec.float() * scale)
 
 
 class _PenaltyFn(torch.autograd.Function):
@@ -85,32 +97,43 @@ class _PenaltyFn(torch.autograd.Function):
         return dvals, None, dW, None, None
 
 
-def decoder_norm_penalty(vals, idx, W_dec, widths: Sequence[int], *, backend: str | None = None):
+def decoder_norm_penalty(vals, idx, W_dec, widths: Sequence[int], *, layout: str = "fd",
+                         backend: str | None = None):
     """sum_b sum_j vals[b,j] * sum_i ||W_dec[idx[b,j], src_i]||_2 (scalar float32).
 
-    vals [B, k], idx [B, k] int, W_dec [F, D], widths sum to D. Gradients into vals and W_dec.
+    vals [..., k], idx [..., k] int (-1: padding), W_dec [F, D] (row-major or the .T view of a
+    [D, F] tensor; ``layout="df"``: [D, F]), widths sum to D. Gradients into vals and W_dec.
     Example: ``pen = decoder_norm_penalty(vals, idx, W_dec, [512, 512])``.
     """
-    check_code(vals, idx, W_dec)
-    widths = check_widths(widths, W_dec.shape[1])
-    bk = _dispatch.choose(W_dec, backend=backend)
+    op = "decoder_norm_penalty"
+    W = weight_view(W_dec, layout, op)
+    widths = check_decoder_widths(op, widths, W)
+    v, i, _ = flat_code(op, vals, idx, W)
+    bk = _dispatch.choose(W, backend=backend)
     if bk == "reference":
-        return decoder_norm_penalty_ref(vals, idx, W_dec, widths)
-    return _PenaltyFn.apply(vals.contiguous(), idx.long().contiguous(), W_dec.contiguous(), widths, bk)
+        return decoder_norm_penalty_ref(v, i, W, widths)
+    return _PenaltyFn.apply(v.contiguous(), i, W, widths, bk)
 
 
-def dense_decoder_norm_penalty(code, W_dec, widths: Sequence[int], *, backend: str | None = None):
-    """The same penalty for a dense code [B, F]: sum_b sum_f code[b,f] * sum_i ||W_dec[f, src_i]||.
+def dense_decoder_norm_penalty(code, W_dec, widths: Sequence[int], *, layout: str = "fd",
+                               backend: str | None = None):
+    """The same penalty for a dense code [..., F]: sum over rows and f of
+    code[.., f] * sum_i ||W_dec[f, src_i]||; W_dec as in ``decoder_norm_penalty``.
 
     Example: ``pen = dense_decoder_norm_penalty(torch.relu(pre), W_dec, [512, 512])``.
     """
-    if code.dim() != 2 or code.shape[1] != W_dec.shape[0]:
-        raise ValueError(f"code must be [B, F={W_dec.shape[0]}], got {tuple(code.shape)}")
-    widths = check_widths(widths, W_dec.shape[1])
-    bk = _dispatch.choose(W_dec, backend=backend)
+    op = "dense_decoder_norm_penalty"
+    W = weight_view(W_dec, layout, op)
+    if not isinstance(code, torch.Tensor) or code.dim() < 1 or code.shape[-1] != W.shape[0]:
+        shape = tuple(code.shape) if isinstance(code, torch.Tensor) else type(code).__name__
+        raise ValueError(f"{op}: code must be [..., F={W.shape[0]}] (W_dec [F, D] = "
+                         f"{list(W.shape)}), got {shape}")
+    widths = check_decoder_widths(op, widths, W)
+    code = code.reshape(-1, W.shape[0])
+    bk = _dispatch.choose(W, backend=backend)
     if bk == "reference":
-        return dense_decoder_norm_penalty_ref(code, W_dec, widths)
-    return _PenaltyFn.apply(code, None, W_dec, widths, bk)
+        return dense_decoder_norm_penalty_ref(code, W, widths)
+    return _PenaltyFn.apply(code, None, W, widths, bk)
 
 
 # ----------------------------------------------------------------------------- reference

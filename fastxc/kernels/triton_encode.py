@@ -7,6 +7,10 @@ bf16 x bf16 and fp16 x fp16 feed the tensor cores as they are (their products ar
 fp32; accumulation is fp32); any other pair (fp32, or a mix such as x fp32 with W bf16) is cast
 to fp32 right after the load, and an fp32 dot follows ``torch.get_float32_matmul_precision()``:
 "highest" keeps exact IEEE products, "high" / "medium" run TF32 on the tensor cores.
+
+W is read in place through its strides (stride_wf, stride_wd): row-major [F, D], or the .T view
+of a row-major [D, F] tensor; Triton specialises a stride of 1, so each layout compiles to its
+own kernel (the AOT registry lists both; the row-major one holds the main configs).
 """
 from __future__ import annotations
 
@@ -59,7 +63,8 @@ TOPK_FUSED_MAX = 128
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, stride_wf, stride_wd, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's [BLOCK_M, BLOCK_N] float32 tile of pre = x @ W.T + b -> (tile, row offsets,
     feature offsets, row mask, feature mask); program ids (0, 1) pick the row / feature block."""
@@ -73,7 +78,7 @@ def _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST: tl.constexpr, PRECISION: tl.
         mask_k = offs_k < D
         a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * D + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * D + offs_k[:, None],
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wf + offs_k[:, None].to(tl.int64) * stride_wd,
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
         if UPCAST:  # the casting rule (module docstring); the interpreter computes bf16 wrongly
             a = a.to(tl.float32)
@@ -87,11 +92,11 @@ def _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST: tl.constexpr, PRECISION: tl.
 @triton.jit
 def _encode_fwd_kernel(
     x_ptr,  # [B, D] input rows
-    w_ptr,  # [F, D] encoder, feature-major
+    w_ptr,  # [F, D] encoder; (f, d) at f * stride_wf + d * stride_wd
     b_ptr,  # [F] bias
     theta_ptr,  # [F] float32 thresholds (ACT == 1 only)
     out_ptr,  # [B, F] float32 pre-activation (ACT 0) or thresholded activation (ACT 1)
-    B, F, D,
+    B, F, D, stride_wf, stride_wd,
     ACT: tl.constexpr,  # 0: pre as is; 1: pre * (pre > theta)
     UPCAST: tl.constexpr,  # cast both operands to fp32 after the load (the casting rule)
     PRECISION: tl.constexpr,  # "ieee" | "tf32": the fp32 dot
@@ -99,8 +104,8 @@ def _encode_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST, PRECISION,
-                                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, stride_wf, stride_wd,
+                                                    UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if ACT == 1:
         theta = tl.load(theta_ptr + offs_n, mask=mask_n, other=0.0)
         acc = tl.where(acc > theta[None, :], acc, 0.0)
@@ -108,17 +113,19 @@ def _encode_fwd_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-_encode_fwd_tuned = triton.autotune(configs=GPU_CONFIGS, key=["B", "F", "D", "PRECISION"])(_encode_fwd_kernel)
-_encode_fwd_ieee = triton.autotune(configs=IEEE_GPU_CONFIGS, key=["B", "F", "D"])(_encode_fwd_kernel)
+# the layout (which stride is 1) keys the tuning too: each compiles to its own kernel
+_encode_fwd_tuned = triton.autotune(configs=GPU_CONFIGS,
+                                    key=["B", "F", "D", "stride_wd", "PRECISION"])(_encode_fwd_kernel)
+_encode_fwd_ieee = triton.autotune(configs=IEEE_GPU_CONFIGS, key=["B", "F", "D", "stride_wd"])(_encode_fwd_kernel)
 
 
 @triton.jit
 def _encode_topk_kernel(
     x_ptr,  # [B, D] input rows
-    w_ptr,  # [F, D] encoder, feature-major
+    w_ptr,  # [F, D] encoder; (f, d) at f * stride_wf + d * stride_wd
     b_ptr,  # [F] bias
     cand_ptr,  # [B, n_tiles * BLOCK_TOPK] int64: each tile's top (value, feature) keys per row
-    B, F, D, n_cand,
+    B, F, D, n_cand, stride_wf, stride_wd,
     BLOCK_TOPK: tl.constexpr,  # candidates per tile and row: next power of two >= k, <= BLOCK_N
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -126,8 +133,8 @@ def _encode_topk_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, UPCAST, PRECISION,
-                                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, offs_m, offs_n, mask_m, mask_n = _pre_tile(x_ptr, w_ptr, b_ptr, B, F, D, stride_wf, stride_wd,
+                                                    UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # float -> int32 with the same order (negative floats: flip the magnitude bits), then the
     # feature id in the low 32 bits: one int64 sort key carries value and index together
     bits = acc.to(tl.int32, bitcast=True)
@@ -140,9 +147,9 @@ def _encode_topk_kernel(
 
 
 _encode_topk_tuned = triton.autotune(configs=TOPK_GPU_CONFIGS,
-                                     key=["B", "F", "D", "BLOCK_TOPK", "PRECISION"])(_encode_topk_kernel)
+                                     key=["B", "F", "D", "stride_wd", "BLOCK_TOPK", "PRECISION"])(_encode_topk_kernel)
 _encode_topk_ieee = triton.autotune(configs=TOPK_IEEE_GPU_CONFIGS,
-                                    key=["B", "F", "D", "BLOCK_TOPK"])(_encode_topk_kernel)
+                                    key=["B", "F", "D", "stride_wd", "BLOCK_TOPK"])(_encode_topk_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -189,8 +196,8 @@ def topk(x, W, b, k: int):
         return (torch.empty(0, k, dtype=torch.float32, device=x.device),
                 torch.empty(0, k, dtype=torch.int64, device=x.device))
     cand = torch.empty(B, n_cand, dtype=torch.int64, device=x.device)
-    x, W, b = x.contiguous(), W.contiguous(), b.contiguous()
-    args = (x, W, b, cand, B, F, D, n_cand)
+    x, b = x.contiguous(), b.contiguous()  # W: read in place through its strides
+    args = (x, W, b, cand, B, F, D, n_cand, *W.stride())
     flags = gemm_flags(x.dtype, W.dtype)
     if _dispatch.interpreting():
         grid = (triton.cdiv(B, INTERP_TOPK_CONFIG["BLOCK_M"]), n_tiles)
@@ -218,9 +225,9 @@ def pre(x, W, b, theta=None):
     out = torch.empty(B, F, dtype=torch.float32, device=x.device)
     if B == 0:
         return out
-    x, W, b = x.contiguous(), W.contiguous(), b.contiguous()
+    x, b = x.contiguous(), b.contiguous()  # W: read in place through its strides
     act = 0 if theta is None else 1
-    args = (x, W, b, theta if theta is not None else b, out, B, F, D)
+    args = (x, W, b, theta if theta is not None else b, out, B, F, D, *W.stride())
     flags = gemm_flags(x.dtype, W.dtype)
     if _dispatch.interpreting():
         c = INTERP_CONFIG
@@ -254,21 +261,31 @@ def _topk_configs(configs):
     out = []
     for bt in (1 << i for i in range(TOPK_FUSED_MAX.bit_length())):  # every BLOCK_TOPK shipped
         # main: k = 32 (the default shapes), the first autotune config
-        for c in from_triton_configs(configs, {"BLOCK_TOPK": bt, "BLOCK_N": max(128, bt)},
-                                     main_index=0 if bt == 32 else -1):
+        for c in _with_layouts(configs, {"BLOCK_TOPK": bt, "BLOCK_N": max(128, bt)},
+                               main_index=0 if bt == 32 else -1):
             out.append(c)
     return tuple(out)
 
 
 _IEEE = tuple(d for d in GEMM_DTYPES if d.endswith("ieee"))
 _TC = tuple(d for d in GEMM_DTYPES if not d.endswith("ieee"))
-_FWD_SIG = {"theta_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "F": "i32", "D": "i32"}
-_TOPK_SIG = {"cand_ptr": "*i64", "B": "i32", "F": "i32", "D": "i32", "n_cand": "i32"}
+_STRIDES = {"stride_wf": "i32", "stride_wd": "i32"}
+_FWD_SIG = {"theta_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "F": "i32", "D": "i32", **_STRIDES}
+_TOPK_SIG = {"cand_ptr": "*i64", "B": "i32", "F": "i32", "D": "i32", "n_cand": "i32", **_STRIDES}
+# W's two layouts as the unit stride Triton specialises: row-major [F, D] (the main configs) and
+# the .T view of a row-major [D, F] tensor
+_ROW_MAJOR, _TRANSPOSED = {"stride_wd": 1}, {"stride_wf": 1}
+
+
+def _with_layouts(configs, extra: dict, main_index: int):
+    """``from_triton_configs`` in both W layouts; only row-major ones can be main."""
+    return (from_triton_configs(configs, {**extra, **_ROW_MAJOR}, main_index=main_index)
+            + from_triton_configs(configs, {**extra, **_TRANSPOSED}, main_index=-1))
 
 
 def _fwd_configs(configs):
     # ACT 1 (relu / jumprelu) only adds a compare to the epilogue of ACT 0 (batchtopk)
-    return tuple(c for act in (0, 1) for c in from_triton_configs(
+    return tuple(c for act in (0, 1) for c in _with_layouts(
         configs, {"ACT": act}, main_index=0 if act == 1 else -1))
 
 

@@ -43,8 +43,11 @@ SHARDED_VERSION = 1
 # Order of the parameters in the optimizer (Crosscoder's registration order); a checkpoint's
 # optimizer state is keyed by these names.
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+# Every parameter name an optimizer state may hold: jumprelu's log_threshold is registered last,
+# so the others keep their ids.
+OPT_PARAM_NAMES = PARAM_NAMES + ("log_threshold",)
 # Tensors with one row per feature (split across ranks); everything else is replicated.
-ROW_TENSORS = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")
+ROW_TENSORS = ("W_enc", "b_enc", "W_dec", "tokens_since_fired", "log_threshold")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -168,7 +171,7 @@ def sync_replicated(model: nn.Module, ctx: DistContext | None) -> float:
 def _shard_tensors(model: FeatureParallelCrosscoder, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
     """This rank's file: ``model.<tensor>``, ``opt.<param name>.<state>`` and ``rng.torch``."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    names = dict(enumerate(PARAM_NAMES))
+    names = dict(enumerate(OPT_PARAM_NAMES))
     for pid, st in opt.state_dict()["state"].items():
         for key, v in st.items():
             tensors[f"opt.{names[pid]}.{key}"] = v.detach().contiguous().cpu()
@@ -282,7 +285,7 @@ class _CheckpointReader:
         for k in self._opt.keys():
             if k.startswith("state."):
                 _, pid, name = k.split(".", 2)
-                self.keys[f"opt.{PARAM_NAMES[int(pid)]}.{name}"] = k
+                self.keys[f"opt.{OPT_PARAM_NAMES[int(pid)]}.{name}"] = k
             else:
                 self.keys[k] = k
 
@@ -318,7 +321,7 @@ class _CheckpointReader:
 def _optimizer_state(rd: _CheckpointReader, lo: int, hi: int, device: torch.device) -> dict:
     """{param id: {state name: tensor}} of features [lo, hi), on ``device`` (``step`` on the CPU)."""
     state: dict = {}
-    for pid, pname in enumerate(PARAM_NAMES):
+    for pid, pname in enumerate(OPT_PARAM_NAMES):
         for key in rd.keys:
             if key.startswith(f"opt.{pname}."):
                 v = rd.get(key, lo, hi)

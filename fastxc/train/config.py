@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastxc.core.cli import Parser
-from fastxc.core.crosscoder import ACTIVATIONS, COMPUTE_DTYPES
+from fastxc.core.crosscoder import (ACTIVATIONS, COMPUTE_DTYPES, JUMPRELU_BANDWIDTH, JUMPRELU_INIT_THRESHOLD,
+                                   JUMPRELU_L0_COEF)
 from fastxc.train.parallel import PARALLEL_MODES
 
 
@@ -48,7 +49,15 @@ class TrainConfig:
     aux_k: int = _doc("AuxK dead-feature loss size (0: off)", default=0)
     aux_coef: float = _doc("AuxK loss weight", default=1.0 / 32.0)
     l1_coef: float = _doc("decoder-norm-weighted L1 coefficient (relu)", default=1.0)
-    l1_warmup_frac: float = _doc("fraction of steps over which the L1 coefficient warms up from 0 (relu)", default=0.05)
+    l0_coef: float = _doc("L0 sparsity coefficient (jumprelu)", default=JUMPRELU_L0_COEF)
+    jumprelu_bandwidth: float = _doc("bandwidth of the straight-through threshold gradient (jumprelu)", default=JUMPRELU_BANDWIDTH)
+    jumprelu_init_threshold: float = _doc("every feature's threshold at init (jumprelu)", default=JUMPRELU_INIT_THRESHOLD)
+    # Adam moves log(theta) by about lr per step: at lr 1e-3 a threshold changes by at most a
+    # factor e^1.5 in 1500 steps, too slow to follow the code's scale (bench/sweep_jumprelu.py:
+    # planted recovery 0.49 at scale 1, 0.96 at 10, same run)
+    jumprelu_threshold_lr_scale: float = _doc("learning-rate multiplier of the jumprelu log-thresholds", default=10.0)
+    l1_warmup_frac: float = _doc("fraction of steps over which the sparsity coefficient warms up from 0 (relu L1, jumprelu L0)",
+                                 default=0.05)
     dec_init_norm: float = _doc("per-source decoder row norm at init", default=0.1)
     dead_tokens: int = _doc("a feature silent for this many tokens counts as dead", default=1_000_000)
     # optimisation
@@ -87,7 +96,7 @@ class TrainConfig:
             raise TrainError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.n_features <= 0:
             raise TrainError(f"--n-features must be positive, got {self.n_features}")
-        if self.activation != "relu" and not 0 < self.k <= self.n_features:
+        if self.activation in ("topk", "batchtopk") and not 0 < self.k <= self.n_features:
             raise TrainError(f"--k must satisfy 0 < k <= n_features ({self.n_features}), got {self.k}")
         if not 0 <= self.aux_k <= self.n_features:
             raise TrainError(f"--aux-k must satisfy 0 <= aux_k <= n_features ({self.n_features}), got {self.aux_k}")
@@ -96,9 +105,12 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise TrainError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        for name in ("lr", "l1_coef", "aux_coef", "dec_init_norm"):
+        for name in ("lr", "l1_coef", "l0_coef", "aux_coef", "dec_init_norm", "jumprelu_bandwidth", "jumprelu_init_threshold",
+                     "jumprelu_threshold_lr_scale"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0) or (name in ("lr", "dec_init_norm") and v == 0):
+            if not (math.isfinite(v) and v >= 0) or (name in ("lr", "dec_init_norm", "jumprelu_bandwidth",
+                                                               "jumprelu_init_threshold",
+                                                               "jumprelu_threshold_lr_scale") and v == 0):
                 raise TrainError(f"--{name.replace('_', '-')} must be a finite positive number, got {v}")
         for name in ("warmup_frac", "decay_frac", "l1_warmup_frac"):
             if not 0 <= getattr(self, name) <= 1:
@@ -119,6 +131,8 @@ class TrainConfig:
             raise TrainError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.parallel not in PARALLEL_MODES:
             raise TrainError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.parallel == "features" and self.activation == "jumprelu":
+            raise TrainError("--activation jumprelu does not run under --parallel features yet; use --parallel data or none")
         self.parsed_widths()
 
     def log_backends(self) -> list[str]:

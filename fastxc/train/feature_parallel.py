@@ -149,6 +149,9 @@ class FeatureParallelCrosscoder(nn.Module):
     def __init__(self, base: Crosscoder, ctx: DistContext):
         super().__init__()
         cfg = base.config()
+        if cfg["activation"] == "jumprelu":
+            raise DistributedError("jumprelu does not run feature parallel yet (its thresholds are not sliced); "
+                                   "use --parallel data or none")
         self._config = cfg
         for key in ("widths", "n_features", "activation", "k", "aux_k", "aux_coef", "l1_coef", "dec_init_norm",
                     "dead_tokens", "threshold_momentum", "source_names"):

@@ -106,8 +106,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def l1_at(cfg: TrainConfig, step: int) -> float:
     """The relu L1 coefficient: linear warm-up from 0 over the first l1_warmup_frac of steps."""
+    return cfg.l1_coef * _sparsity_warmup(cfg, step)
+
+
+def l0_at(cfg: TrainConfig, step: int) -> float:
+    """The jumprelu L0 coefficient: the same warm-up as l1_at."""
+    return cfg.l0_coef * _sparsity_warmup(cfg, step)
+
+
+def _sparsity_warmup(cfg: TrainConfig, step: int) -> float:
     warm = cfg.l1_warmup_frac * cfg.steps
-    return cfg.l1_coef * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+    return min(1.0, (step + 1) / warm) if warm > 0 else 1.0
 
 
 # ---------------------------------------------------------------------------- setup
@@ -173,6 +182,9 @@ def _build_model(cfg: TrainConfig, data: DataSource, device: torch.device) -> Cr
         aux_k=cfg.aux_k,
         aux_coef=cfg.aux_coef,
         l1_coef=cfg.l1_coef,
+        l0_coef=cfg.l0_coef,
+        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        jumprelu_init_threshold=cfg.jumprelu_init_threshold,
         dec_init_norm=cfg.dec_init_norm,
         dead_tokens=cfg.dead_tokens,
         source_names=data.source_names,
@@ -263,7 +275,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     run = _start(cfg)
     _restore(run)
     print(f"fastxc: training a {cfg.activation} crosscoder, widths {run.data.widths}, F={cfg.n_features}"
-          + (f", k={cfg.k}" if cfg.activation != "relu" else "") + f" on {run.data.description}", file=sys.stderr)
+          + (f", k={cfg.k}" if cfg.activation in ("topk", "batchtopk") else "") + f" on {run.data.description}", file=sys.stderr)
     names = run.data.source_names or [str(i) for i in range(len(run.data.widths))]
     run.backends = loggers.MetricLoggers(cfg, run.out, run.step, names) if run.is_main else None
     try:
@@ -333,14 +345,21 @@ def _skip_batch(run: _Run) -> None:
 DIVERGED_FVU_FACTOR = 100.0
 
 
+def _lr_scales(run: _Run) -> list[float]:
+    """Per optimizer group (one per parameter) the multiplier of the scheduled lr: 1, except
+    the jumprelu log-thresholds (--jumprelu-threshold-lr-scale)."""
+    thr = getattr(run.model, "log_threshold", None)
+    return [run.cfg.jumprelu_threshold_lr_scale if thr is not None and p is thr else 1.0 for p in run.opt.params]
+
+
 def _train_step(run: _Run, x: torch.Tensor):
     """One optimizer step on batch x at the schedules' values -> (lr, l1 coefficient, output);
     the output is None when the loss was non-finite and the step was skipped."""
     lr = lr_at(run.cfg, run.step)
-    for group in run.opt.param_groups:
-        group["lr"] = lr
+    for group, scale in zip(run.opt.param_groups, _lr_scales(run)):
+        group["lr"] = lr * scale
     l1 = l1_at(run.cfg, run.step)
-    res = run.model(x, l1_coef=l1)
+    res = run.model(x, l1_coef=l1, l0_coef=l0_at(run.cfg, run.step))
     loss, fvu = torch.stack([res.loss.detach().float(), res.fvu.detach().float().max()]).tolist()  # one sync
     finite = math.isfinite(loss) and math.isfinite(fvu)
     if run.first_fvu is None and finite:
@@ -419,6 +438,8 @@ class _MetricsLog:
         rec = _summarise_window(self.window, run.step, run.step * self.cfg.batch_size, self.tokens / max(now - self.t_last, 1e-9))
         rec.update(lr=lr, l1_coef=l1 if self.cfg.activation == "relu" else None, skipped=run.skipped,
                    dead=int(run.model.dead_mask().sum()))
+        if self.cfg.activation == "jumprelu":
+            rec["l0_coef"] = l0_at(self.cfg, run.step - 1)
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         if self.backends is not None:
