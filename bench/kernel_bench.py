@@ -37,5 +37,6 @@ def bench_fwd_bwd(benchmark, op: str, provider: str, step) -> None:
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
     benchmark.extra_info.update(machine=platform.processor() or platform.machine(),
-                                threads=torch.get_num_threads(),
-                                tokens_per_s=B / benchmark.stats.stats.min)
+                                threads=torch.get_num_threads())
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["tokens_per_s"] = B / benchmark.stats.stats.min
