@@ -49,14 +49,15 @@ def build_parser(name: str):
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``fastxc train``: ``fastxc.train.main`` with the embedded default (the organism's store)
-    when neither --store nor --source is given, and the next commands printed after it.
+    when none of --store, --source, --config, --sweep is given, and the next commands printed
+    after it.
 
     The embedded default runs under pinned CPU numerics (``fastxc.core.numerics``), so its
     crosscoder is the same on every x86-64 machine; called before torch starts (as the
     command line does), this pins the process.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.split("=")[0] in ("--store", "--source", "--config") for a in args):
+    if not any(a.split("=")[0] in ("--store", "--source", "--config", "--sweep") for a in args):
         from fastxc.core import numerics
 
         numerics.pin()

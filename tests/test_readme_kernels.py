@@ -29,6 +29,7 @@ SECTION = "### Using the kernels in your SAE"
 _MARK = re.compile(r"^<!--\s*readme-python:\s*([\w-]+)\s*-->$")
 # the blocks the tests run: name -> the test file that runs it
 RUN_BY = {"single-sae-loss": "test_readme_kernels.py", "trainer-loss": "test_readme_kernels.py",
+          "training-steps": "test_readme_kernels.py",
           "saelens-topk": "test_saelens_adapter.py"}
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -191,3 +192,52 @@ def test_trainer_loss_block_is_dictionary_learnings_l2_loss(backend, monkeypatch
     params = list(ae.parameters())
     for p, g, w in zip(params, torch.autograd.grad(loss, params), torch.autograd.grad(want, params)):
         assert rel_err(g, w) <= 1e-6, (p.shape, rel_err(g, w))
+
+
+def _planted(gen, n=2048, d=32, n_true=48, k_true=3):
+    """Rows that are sums of k_true of n_true unit directions with positive weights."""
+    dirs = torch.randn(n_true, d, generator=gen)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    pick = torch.rand(n, n_true, generator=gen).argsort(1)[:, :k_true]
+    w = torch.zeros(n, n_true).scatter(1, pick, 0.5 + torch.rand(n, k_true, generator=gen))
+    return w @ dirs, dirs
+
+
+def test_training_steps_block_trains_topk_with_auxk_and_jumprelu():
+    """The README's topk_step / jumprelu_step, 300 steps each on planted data (D 32, F 96): the
+    loss falls (measured first / last-20 mean: topk 10.7x and 8.8x, jumprelu 17.4x and 22.6x on
+    seeds 0 and 1; asserted > 4x), the decoder rows stay unit norm after every TopK step (the projection), and
+    JumpReLU's thresholds move."""
+    ns = exec_readme("training-steps", {})
+    for seed in (0, 1):
+        gen = torch.Generator().manual_seed(seed)
+        x_all, _ = _planted(gen)
+        for kind in ("topk", "jumprelu"):
+            sae = torch.nn.Module()
+            w = torch.randn(96, 32, generator=gen)
+            w /= w.norm(dim=1, keepdim=True)
+            sae.W_enc = torch.nn.Parameter(w.clone())
+            sae.W_dec = torch.nn.Parameter(w.clone())
+            sae.b_enc = torch.nn.Parameter(torch.zeros(96))
+            sae.b_dec = torch.nn.Parameter(torch.zeros(32))
+            if kind == "jumprelu":
+                sae.log_threshold = torch.nn.Parameter(torch.full((96,), -2.3))
+                theta0 = sae.log_threshold.detach().clone()
+            opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+            last_fired = torch.zeros(96, dtype=torch.long)
+            losses = []
+            for step in range(300):
+                x = x_all[torch.randint(0, x_all.shape[0], (128,), generator=gen)]
+                if kind == "topk":
+                    dead = (step - last_fired) > 20
+                    losses.append(float(ns["topk_step"](sae, opt, x, 4, dead, k_aux=8)))
+                    with torch.no_grad():
+                        _, idx = ns["topk_encode"](x - sae.b_dec, sae.W_enc, sae.b_enc, 4)
+                    last_fired[idx.unique()] = step
+                    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
+                else:
+                    losses.append(float(ns["jumprelu_step"](sae, opt, x)))
+            first, last = losses[0], sum(losses[-20:]) / 20
+            assert first / last > 4, (kind, seed, first, last)
+            if kind == "jumprelu":
+                assert (sae.log_threshold.detach() - theta0).abs().max() > 0.05

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fastxc.core.cli import report
-from fastxc.train.config import TrainError, parse_config
+from fastxc.train.config import TrainError, config_from_flags, parse_flags
 from fastxc.train.loop import TrainResult, train
 
 
@@ -45,9 +45,18 @@ def main(argv: Sequence[str] | None = None, default_store: Callable[[bool], str]
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         try:
-            cfg = parse_config(argv)
+            args = parse_flags(argv)
         except SystemExit as e:  # argparse: --help (0) or a bad flag (2, message already printed)
             return int(e.code or 0)
+        if "sweep" in args:
+            from fastxc.train.sweep import sweep_from_flags, train_sweep
+
+            results = train_sweep(sweep_from_flags(args))
+            for name, result in results.items():
+                print(f"\n== {name} ==")
+                print_summary(result)
+            return 0
+        cfg = config_from_flags(args)
         embedded = cfg.store is None and cfg.source is None
         if embedded and default_store is not None:
             cfg = dataclasses.replace(cfg, store=default_store(cfg.progress))

@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", help="JSON or YAML file of config fields (flags override it)")
+    p.add_argument("--sweep", help="YAML or JSON file of several runs trained from one stream of batches, each "
+                                   "into --out/NAME/ (fastxc.train.sweep; flags override its shared fields)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -189,21 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config_file(path: str) -> dict:
     """Read a JSON or YAML dict of config fields (dashes or underscores)."""
-    p = Path(path)
-    if not p.is_file():
-        raise TrainError(f"config file {path} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:
-        raise TrainError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise TrainError(f"config file {path} must hold a mapping of fields")
+    data = read_mapping(path)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, value in data.items():
@@ -214,8 +202,42 @@ def load_config_file(path: str) -> dict:
     return out
 
 
+def read_mapping(path: str, what: str = "config file") -> dict:
+    """The mapping a JSON or YAML (.yaml, .yml) file holds; TrainError naming the ``what``
+    when it holds none."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"{what} {path} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise TrainError(f"{what} {path} cannot be parsed: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"{what} {path} must hold a mapping of fields")
+    return data
+
+
+def parse_flags(argv: Sequence[str] | None) -> dict:
+    """The flags given on the command line (field name -> value; 'config', 'sweep' when given).
+    SystemExit on --help or a bad flag, as argparse does."""
+    return vars(build_parser().parse_args(argv))
+
+
 def parse_config(argv: Sequence[str] | None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+    return config_from_flags(parse_flags(argv))
+
+
+def config_from_flags(args: dict) -> TrainConfig:
+    """The validated TrainConfig of one run from ``parse_flags``' dict."""
+    args = dict(args)
+    if "sweep" in args:
+        raise TrainError("--sweep trains several runs: read it with fastxc.train.sweep.sweep_from_flags")
     values: dict = {}
     if "config" in args:
         values.update(load_config_file(args.pop("config")))

@@ -150,6 +150,13 @@ class _Run:
 
 def _prepare_out(cfg: TrainConfig) -> Path:
     """The run folder: created, refused if it holds a run (unless --resume), or cleared (--overwrite)."""
+    out, has_run = _check_out(cfg)
+    return _make_out(cfg, out, has_run)
+
+
+def _check_out(cfg: TrainConfig) -> tuple[Path, bool]:
+    """The run folder and whether it holds a run; TrainError when this config may not use it.
+    Writes nothing (a sweep checks every run's folder before it touches any)."""
     if cfg.out is None:
         if cfg.resume:
             raise TrainError("--resume needs --out: the run folder to continue")
@@ -163,6 +170,11 @@ def _prepare_out(cfg: TrainConfig) -> Path:
         raise TrainError(f"--resume: no checkpoint in {out} to continue (--resume-if-exists starts fresh when there is none)")
     if has_run and not ((has_ckpt and (cfg.resume or cfg.resume_if_exists)) or cfg.overwrite):
         raise TrainError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    return out, has_run
+
+
+def _make_out(cfg: TrainConfig, out: Path, has_run: bool) -> Path:
+    """Create the checked run folder, first clearing the run it holds under --overwrite."""
     if has_run and cfg.overwrite:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "crosscoder", "crosscoder.tmp", "tensorboard"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -310,22 +322,28 @@ def _run_steps(run: _Run) -> None:
             contextlib.closing(bar):
         metrics = _MetricsLog(file, bar, cfg, run.is_main, run.backends)
         while run.step < cfg.steps:
-            x = _to_device(next(batches), run.device)
-            if not torch.isfinite(x).all():
-                _skip_batch(run)
-                bar.update(1)
-                continue
-            run.bad_run = 0
-            lr, l1, res = _train_step(run, x)
-            run.step += 1
-            if res is not None:
-                metrics.add(res)
-            bar.update(1)
-            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-                metrics.write(run, lr, l1)
-            # no checkpoint of a diverged model: the last good one stays for --resume
-            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps and not run.diverged:
-                checkpoint.save(run.out, run.model, run.opt, run.ctx, run.state())
+            _step_on(run, _to_device(next(batches), run.device), metrics, bar)
+
+
+def _step_on(run: _Run, x: torch.Tensor, metrics: _MetricsLog, bar) -> None:
+    """Step run.step on batch x (on run.device): train (or skip a non-finite batch), then log
+    and checkpoint when due. A sweep calls it for each of its runs with the same x."""
+    cfg = run.cfg
+    if not torch.isfinite(x).all():
+        _skip_batch(run)
+        bar.update(1)
+        return
+    run.bad_run = 0
+    lr, l1, res = _train_step(run, x)
+    run.step += 1
+    if res is not None:
+        metrics.add(res)
+    bar.update(1)
+    if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+        metrics.write(run, lr, l1)
+    # no checkpoint of a diverged model: the last good one stays for --resume
+    if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps and not run.diverged:
+        checkpoint.save(run.out, run.model, run.opt, run.ctx, run.state())
 
 
 def _skip_batch(run: _Run) -> None:
@@ -424,8 +442,10 @@ class _MetricsLog:
     """The step outputs since the last metrics line, written as one JSON line of their means
     (and sent to the --log backends)."""
 
-    def __init__(self, file: TextIO, bar, cfg: TrainConfig, is_main: bool, backends: loggers.MetricLoggers | None = None):
+    def __init__(self, file: TextIO, bar, cfg: TrainConfig, is_main: bool, backends: loggers.MetricLoggers | None = None,
+                 label: str = ""):
         self.file, self.bar, self.cfg, self.is_main, self.backends = file, bar, cfg, is_main, backends
+        self.label = label  # a sweep's run name, before each printed metrics line
         self.window: list[dict] = []
         self.t_last, self.tokens = time.perf_counter(), 0
 
@@ -446,7 +466,7 @@ class _MetricsLog:
             self.backends.log(rec)
         self.bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu="/".join(f"{v:.3f}" for v in rec["fvu"]), l0=f"{rec['l0']:.1f}")
         if not self.cfg.progress and self.is_main:
-            print(_format_metrics(rec), file=sys.stderr)
+            print(self.label + _format_metrics(rec), file=sys.stderr)
         self.window, self.t_last, self.tokens = [], now, 0
 
 
