@@ -2,10 +2,6 @@
 stream of batches, each bit-identical to its single run, resumable as one run, and bad sweep
 files refused with one line before anything is written."""
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ import yaml
 from fastxc.data import store as store_mod
 from fastxc.train import checkpoint as ckpt_mod
 from fastxc.train.command import main
+from kill_at_checkpoint import kill_at_checkpoint
 
 SHARED = {"batch_size": 32, "steps": 40, "checkpoint_every": 10, "log_every": 10, "eval_batches": 2, "seed": 3,
           "progress": False}
@@ -146,27 +143,13 @@ def test_interrupted_sweep_resumes_as_one_run(tmp_path, store, capsys, monkeypat
         assert logged == [10, 20, 30, 40], f"{run['name']}: each logged step once"
 
 
-PAUSING_TRAINER = Path(__file__).with_name("pausing_trainer.py")  # see its docstring
-
-
 def test_sigkilled_sweep_resumes_bit_identical(tmp_path, store, capsys):
     """A real SIGKILL (the pausing trainer) as the sweep is about to checkpoint step 30."""
     sweep = _sweep_file(tmp_path, store, runs=RESUMABLE)
     ref = tmp_path / "ref"
     assert _run(capsys, ["--sweep", str(sweep), "--out", str(ref)])[0] == 0
-    out, marker = tmp_path / "killed", tmp_path / "paused"
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, str(PAUSING_TRAINER), str(marker), "30", "--sweep", str(sweep), "--out", str(out)],
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the sweep never reached step 30 (rc {proc.poll()}): {(tmp_path / 'stderr').read_text()[-2000:]}")
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    out = tmp_path / "killed"
+    kill_at_checkpoint(["--sweep", str(sweep)], out, stop_at=30)
     assert json.loads((out / "k4" / "checkpoint" / "state.json").read_text())["step"] == 20
     code, err = _run(capsys, ["--sweep", str(sweep), "--out", str(out), "--resume"])
     assert code == 0, err

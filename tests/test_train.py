@@ -1,10 +1,8 @@
 """The trainer: recovery of planted features, exact resume after SIGKILL, and bad input."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from fastxc.analysis.diff import classify, relative_norms
 from fastxc.data.synthetic import SHARED, PlantedSource, best_match, recovery
 from fastxc.train import TrainConfig, main, train
 from fastxc.train import loop as train_loop
+from kill_at_checkpoint import kill_at_checkpoint
 
 TINY = ["--source", "synthetic", "--widths", "16,16", "--n-features", "64", "--k", "4", "--batch-size", "64",
         "--synthetic-shared", "8", "--synthetic-unique", "8", "--no-progress"]
@@ -54,25 +53,8 @@ def _weights(path):
     return load_file(str(path / "crosscoder" / "model.safetensors"))
 
 
-PAUSING_TRAINER = Path(__file__).with_name("pausing_trainer.py")  # see its docstring
 
 
-def _kill_at_checkpoint(args, out, stop_at):
-    """Run the trainer until it is about to write the checkpoint of step ``stop_at``, then SIGKILL it."""
-    marker, log = out.parent / f"{out.name}.paused", out.parent / f"{out.name}.stderr"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(PAUSING_TRAINER), str(marker), str(stop_at), *args, "--out", str(out)],
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the trainer never reached step {stop_at} (rc {proc.poll()}): {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -85,7 +67,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, activation, dtype
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "killed"
-    _kill_at_checkpoint(args, out, stop_at=400)
+    kill_at_checkpoint(args, out, stop_at=400)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 300
     assert not (out / "crosscoder").exists()
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [100, 200, 300, 400]
