@@ -1,6 +1,6 @@
 """Every public op of fastxc.kernels, forward + backward, in one run against (1) its plain-torch
 reference (``<op>_ref``, the math written out) and (2) the dense plain-torch code an SAE library
-writes for the same step (sae-lens / dictionary_learning / sparsify style: a dense [B, F] code,
+writes for the same step (the decoder constraints, which have no backward, timed alone) (sae-lens / dictionary_learning / sparsify style: a dense [B, F] code,
 ``code @ W_dec``, ``(recon - x).pow(2).sum(-1).mean()``).
 
     python -m pytest bench/bench_ops.py --benchmark-only
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import fastxc.kernels as K
-from fastxc.kernels import batchtopk as BT, decode as DE, encode as E, loss as L, penalty as P
+from fastxc.kernels import auxk as AX, batchtopk as BT, constraints as CS, decode as DE, encode as E
+from fastxc.kernels import jumprelu as JR, loss as L, penalty as P
 from kernel_bench import B, D, F, KK, ROUNDS, setup
 
 PROVIDERS = ["fastxc", "reference", "plain_torch"]
@@ -90,6 +91,75 @@ def _penalty(p, x, W, b, vals, idx, dense):
     fn(vals, idx, W, WIDTHS).backward()
 
 
+K_AUX = 256
+THETA, BANDWIDTH = 0.5, 0.2  # jumprelu: ~2-3% of x ~ N(0, 1) projections above theta
+
+
+def _dead():
+    """[F] bool: every 4th feature dead (AuxK's input)."""
+    return torch.arange(F) % 4 == 0
+
+
+def _auxk(p, x, W, b, vals, idx, dense):
+    resid = (x * 0.1).detach()
+    dead = _dead()
+    if p == "plain_torch":  # the dead features' top-k_aux of the dense pre-activation
+        pre = (x @ W.t() + b).masked_fill(~dead, float("-inf"))
+        v, i = pre.topk(K_AUX, dim=-1)
+        e_hat = torch.zeros_like(pre).scatter(-1, i, torch.relu(v)) @ W
+        var = (resid - resid.mean(0)).pow(2).sum(-1).mean()
+        ((e_hat - resid).pow(2).sum(-1).mean() / var).backward()
+        return
+    fn = K.auxk_loss if p == "fastxc" else AX.auxk_loss_ref
+    fn(x, W, b, W, dead, K_AUX, resid).backward()
+
+
+class _JumpReLUSTE(torch.autograd.Function):
+    """pre * (pre > theta) with the rectangle-kernel straight-through threshold gradient, as SAE
+    libraries write it (dense [B, F])."""
+
+    @staticmethod
+    def forward(ctx, pre, theta):
+        ctx.save_for_backward(pre, theta)
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        band = ((pre - theta).abs() < BANDWIDTH / 2).to(g.dtype)
+        return g * (pre > theta), (-(theta / BANDWIDTH) * band * g).sum(0)
+
+
+def _jumprelu(p, x, W, b, vals, idx, dense):
+    theta = torch.full((F,), THETA, requires_grad=True)
+    if p == "plain_torch":
+        _JumpReLUSTE.apply(x @ W.t() + b, theta).sum().backward()
+        return
+    fn = K.jumprelu_encode if p == "fastxc" else JR.jumprelu_encode_ref
+    fn(x, W, b, theta, BANDWIDTH).vals.sum().backward()
+
+
+def _unit_norm(p, x, W, b, vals, idx, dense):
+    with torch.no_grad():  # in place, around the optimizer step: no backward
+        if p == "plain_torch":
+            W.div_(W.norm(dim=1, keepdim=True))
+        else:
+            (K.unit_norm_decoder_ if p == "fastxc" else CS.unit_norm_decoder_ref)(W)
+
+
+def _parallel_grad(p, x, W, b, vals, idx, dense):
+    g = W.grad  # set once by the test: the op works in place on it
+    if p == "plain_torch":  # rows of unit norm, as the libraries assume
+        g -= (g * W.detach()).sum(dim=1, keepdim=True) * W.detach()
+    elif p == "fastxc":
+        K.remove_parallel_grad_(W, g)
+    else:
+        W.grad = CS.remove_parallel_grad_ref(W.detach(), g)
+
+
+IN_PLACE = {"unit_norm_decoder_", "remove_parallel_grad_"}  # no backward; timed as they are
+
+
 OPS = {
     "topk_encode": _topk,
     "relu_encode": _relu,
@@ -97,6 +167,10 @@ OPS = {
     "sparse_decode": _decode,
     "crosscoder_loss": _loss,
     "decoder_norm_penalty": _penalty,
+    "auxk_loss": _auxk,
+    "jumprelu_encode": _jumprelu,
+    "unit_norm_decoder_": _unit_norm,
+    "remove_parallel_grad_": _parallel_grad,
 }
 
 
@@ -108,8 +182,11 @@ def test_op_fwd_bwd(benchmark, op, provider):
     dense = _dense(vals, idx)
     benchmark.group = f"{op}-fwd+bwd-B{B}-D{D}-F{F}-k{KK}-fp32"
 
+    if op == "remove_parallel_grad_":
+        W.grad = torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
+
     def run():
-        for t in (W, b, vals, dense):
+        for t in (b, vals, dense) if op in IN_PLACE else (W, b, vals, dense):
             t.grad = None
         OPS[op](provider, x, W, b, vals, idx, dense)
 

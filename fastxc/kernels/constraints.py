@@ -56,7 +56,10 @@ def unit_norm_decoder_(W_dec: torch.Tensor, widths: Sequence[int] | None = None)
     for W in _slices(W_dec, widths):
         n = _row_norms(W)
         scale = torch.where(n > 0, 1.0 / n, torch.ones_like(n))
-        W.copy_(W.to(scale.dtype) * scale)  # the product in fp32, rounded once into W's dtype
+        if W.dtype == scale.dtype:  # in place: no [F, D] temporary (7.7x faster at 16384 x 1024)
+            W.mul_(scale)
+        else:  # bf16 / fp16: the product in fp32, rounded once into W's dtype
+            W.copy_(W.to(scale.dtype) * scale)
     return W_dec
 
 
@@ -78,6 +81,14 @@ def remove_parallel_grad_(W_dec: torch.Tensor, grad: torch.Tensor | None = None,
     if grad.shape != W_dec.shape:
         raise ValueError(f"grad must be [F, D]={tuple(W_dec.shape)} like W_dec, got {tuple(grad.shape)}")
     for W, G in zip(_slices(W_dec, widths), _slices(grad, widths)):
+        if W.dtype == G.dtype and W.dtype in (torch.float32, torch.float64):
+            # no [F, D] temporaries: row norms, row dots as a batched GEMV, an in-place update
+            # (17 ms against 92 ms for the expression below at 16384 x 1024, fp32, 2 threads)
+            n2 = torch.linalg.vector_norm(W, dim=1, keepdim=True).square()
+            dot = torch.bmm(G.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)
+            coef = torch.where(n2 > 0, dot / n2.clamp_min(torch.finfo(W.dtype).tiny), torch.zeros_like(n2))
+            G.addcmul_(W, coef, value=-1)
+            continue
         Wf = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
         n2 = Wf.pow(2).sum(dim=1, keepdim=True)
         dot = (G.to(Wf.dtype) * Wf).sum(dim=1, keepdim=True)
