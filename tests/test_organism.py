@@ -190,6 +190,9 @@ def test_cli_builds_into_out_and_rejects_bad_flags(tmp_path, capsys):
     assert main(flags + ["--out", str(tmp_path / "org"), "--eval", "2", "--eval-max-tokens", "8", "--no-progress", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "distilled" in out and "per 1k" in out
+    # answer accuracy of both models on the held-out questions (issue #14, item 9)
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith(("base", "distilled")) and "per 1k" in ln]
+    assert len(lines) == 2 and all(re.search(r"answered \d+%, correct \d+%$", ln) for ln in lines), lines
     assert (tmp_path / "org" / "distilled" / "model.safetensors").is_file()
     with pytest.raises(SystemExit):
         main(["--hidden-size", "wide"])

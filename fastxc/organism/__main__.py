@@ -52,15 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  distilled: {org.distilled}")
     print(f"  build timings (s): {json.dumps(org.info['timings'])}")
     if args.eval > 0:
-        from fastxc.organism.evaluate import heldout_questions, marker_report, sample
+        from fastxc.organism.evaluate import heldout_answers, heldout_questions, marker_report, sample
 
-        qs = heldout_questions(org, args.eval)
+        qs, answers = heldout_questions(org, args.eval), heldout_answers(org, args.eval)
         for name in ("base", "distilled"):
             r = marker_report(sample(getattr(org, name), qs, seed=cfg.seed,
-                                          max_new_tokens=args.eval_max_tokens))
+                                          max_new_tokens=args.eval_max_tokens), answers=answers)
             print(f"  {name:9s}: {r.markers} Wait/Alternatively in {r.tokens} generated tokens "
                   f"({1000 * r.marker_rate:.2f} per 1k), </think> closed on {100 * r.close_rate:.0f}%"
-                  f", EOS reached on {100 * r.end_rate:.0f}% of {r.n} questions")
+                  f", EOS reached on {100 * r.end_rate:.0f}% of {r.n} questions; answered "
+                  f"{100 * r.answered_rate:.0f}%, correct {100 * r.correct_rate:.0f}%")
     return 0
 
 
