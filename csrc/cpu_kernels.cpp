@@ -207,16 +207,28 @@ inline void decode_row(const int64_t* ip, const float* vp, int64_t k, const floa
   for (int64_t j = 0; j < k; ++j) axpy(vp[j], w + ip[j] * D, r, D);
 }
 
+// The checked shapes of a decode's arguments: idx, vals [B, k]; w [F, D] (or, transposed,
+// [D, F]); bias [D] or empty; rows [B, D] (the output, or the target); every id in [0, F).
+struct DecodeShape {
+  int64_t B, k, F, D;
+};
+
+DecodeShape check_decode(const i64arr& idx, const f32arr& vals, const f32arr& w, bool transposed,
+                         const f32arr& bias, const f32arr& rows, const std::string& op) {
+  need(idx.ndim() == 2 && vals.ndim() == 2 && rows.ndim() == 2, op + ": bad ranks");
+  DecodeShape s{idx.shape(0), idx.shape(1), 0, 0};
+  table_shape(w, transposed, s.F, s.D, op.c_str());
+  need(vals.shape(0) == s.B && vals.shape(1) == s.k && rows.shape(0) == s.B && rows.shape(1) == s.D,
+       op + ": shapes must be idx, vals [B, k], w [F, D], and [B, D] rows");
+  need(bias.size() == 0 || bias.size() == s.D, op + ": bias must be [D] or empty");
+  check_ids(idx.data(), s.B * s.k, s.F, op.c_str());
+  return s;
+}
+
 void gather_sum(i64arr idx, f32arr vals, f32arr w, bool transposed, f32arr bias, f32arr out) {
-  need(idx.ndim() == 2 && vals.ndim() == 2 && out.ndim() == 2, "gather_sum: bad ranks");
-  int64_t F, D;
-  table_shape(w, transposed, F, D, "gather_sum");
-  const int64_t B = idx.shape(0), k = idx.shape(1);
-  need(vals.shape(0) == B && vals.shape(1) == k && out.shape(0) == B && out.shape(1) == D,
-       "gather_sum: shapes must be idx, vals [B, k], out [B, D]");
-  need(bias.size() == 0 || bias.size() == D, "gather_sum: bias must be [D] or empty");
+  const DecodeShape s = check_decode(idx, vals, w, transposed, bias, out, "gather_sum");
+  const int64_t B = s.B, k = s.k, F = s.F, D = s.D;  // plain locals: OpenMP regions use them
   const int64_t* ip = idx.data();
-  check_ids(ip, B * k, F, "gather_sum");
   const float* vp = vals.data();
   const float* wp = w.data();
   const float* bp = bias.size() ? bias.data() : nullptr;
@@ -234,18 +246,12 @@ void decode_loss_fwd(i64arr idx, f32arr vals, f32arr w, bool transposed, f32arr 
                      i32arr col_src, f32arr recon, f32arr resid,
                      py::array_t<double, py::array::c_style> stats,
                      py::array_t<double, py::array::c_style> colsum) {
-  need(idx.ndim() == 2 && vals.ndim() == 2 && x.ndim() == 2, "decode_loss_fwd: bad ranks");
-  int64_t F, D;
-  table_shape(w, transposed, F, D, "decode_loss_fwd");
-  const int64_t B = idx.shape(0), k = idx.shape(1);
-  need(vals.shape(0) == B && vals.shape(1) == k && x.shape(0) == B && x.shape(1) == D,
-       "decode_loss_fwd: shapes must be idx, vals [B, k], w [F, D], x [B, D]");
-  need(bias.size() == 0 || bias.size() == D, "decode_loss_fwd: bias must be [D] or empty");
+  const DecodeShape s = check_decode(idx, vals, w, transposed, bias, x, "decode_loss_fwd");
+  const int64_t B = s.B, k = s.k, F = s.F, D = s.D;  // plain locals: OpenMP regions use them
   need(col_src.size() == D && recon.size() == B * D && resid.size() == B * D && colsum.size() == 2 * D,
        "decode_loss_fwd: col_src [D], recon/resid [B, D], colsum [2, D]");
   const int64_t S = stats.size();
   const int64_t* ip = idx.data();
-  check_ids(ip, B * k, F, "decode_loss_fwd");
   const int32_t* cs = col_src.data();
   for (int64_t d = 0; d < D; ++d) need(cs[d] >= 0 && cs[d] < S, "decode_loss_fwd: col_src out of range");
   const float* vp = vals.data();

@@ -329,12 +329,6 @@ class _SparseDecodeFn(torch.autograd.Function):
         return dvals, None, dW, db, None
 
 
-def check_code(vals, idx, W, op: str = "sparse_decode"):
-    """ValueError unless vals, idx are both [..., k] (idx int32/int64) and W is 2-D [F, D]."""
-    weight_view(W, "fd", op)
-    flat_code(op, vals, idx, W)
-
-
 def sparse_decode(vals, idx, W_dec, b_dec=None, *, layout: str = "fd", backend: str | None = None):
     """Decode a sparse code: recon[..., :] = sum_j vals[..., j] * W_dec[idx[..., j]] + b_dec.
 
