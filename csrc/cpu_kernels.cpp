@@ -53,6 +53,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -158,8 +162,77 @@ constexpr int64_t TILE = 16;
 // D = 1024, F = 16384: a 64-byte piece per 64 KiB-strided row costs a TLB miss per line).
 constexpr int64_t FBLK = 64;
 
+// Software prefetch distance of the transposed kernels' copies, in rows of the [D, F] buffer:
+// each row visit is a few lines on a page of its own, which the hardware prefetcher does not
+// predict, so without it every visit waits for memory in turn.
+constexpr int64_t PFD = 8;
+inline void prefetch_read(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 0);
+}
+inline void prefetch_write(float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 1, 0);
+}
+
 void check_ids(const int64_t* ip, int64_t n, int64_t F, const char* what) {
   for (int64_t e = 0; e < n; ++e) need(ip[e] >= 0 && ip[e] < F, std::string(what) + ": feature id out of range");
+}
+
+// dst[t * ld + d] = src[d * F + t] for d < D, t < fb: fb columns of the D rows of a [D, F]
+// buffer (src points at the first column) into fb rows of a local block. 4 x 4 register
+// transposes where SSE is there (plain moves: the same bits either way), with the strided
+// rows prefetched PFD ahead.
+void copy_columns_in(const float* src, int64_t F, int64_t D, int64_t fb, float* dst, int64_t ld) {
+  int64_t d = 0;
+#if defined(__SSE__)
+  for (; d + 4 <= D; d += 4) {
+    for (int64_t r = 0; r < 4 && d + PFD + r < D; ++r) prefetch_read(src + (d + PFD + r) * F, fb);
+    const float* s = src + d * F;
+    int64_t t = 0;
+    for (; t + 4 <= fb; t += 4) {
+      __m128 a = _mm_loadu_ps(s + t), b = _mm_loadu_ps(s + F + t);
+      __m128 c = _mm_loadu_ps(s + 2 * F + t), e = _mm_loadu_ps(s + 3 * F + t);
+      _MM_TRANSPOSE4_PS(a, b, c, e);
+      _mm_storeu_ps(dst + t * ld + d, a);
+      _mm_storeu_ps(dst + (t + 1) * ld + d, b);
+      _mm_storeu_ps(dst + (t + 2) * ld + d, c);
+      _mm_storeu_ps(dst + (t + 3) * ld + d, e);
+    }
+    for (; t < fb; ++t)
+      for (int64_t r = 0; r < 4; ++r) dst[t * ld + d + r] = s[r * F + t];
+  }
+#endif
+  for (; d < D; ++d) {
+    if (d + PFD < D) prefetch_read(src + (d + PFD) * F, fb);
+    for (int64_t t = 0; t < fb; ++t) dst[t * ld + d] = src[d * F + t];
+  }
+}
+
+// dst[d * F + t] = src[t * ld + d]: the inverse of copy_columns_in (a local block's fb rows
+// written back as fb columns of the D rows of a [D, F] buffer).
+void copy_columns_out(const float* src, int64_t ld, int64_t D, int64_t fb, float* dst, int64_t F) {
+  int64_t d = 0;
+#if defined(__SSE__)
+  for (; d + 4 <= D; d += 4) {
+    for (int64_t r = 0; r < 4 && d + PFD + r < D; ++r) prefetch_write(dst + (d + PFD + r) * F, fb);
+    float* o = dst + d * F;
+    int64_t t = 0;
+    for (; t + 4 <= fb; t += 4) {
+      __m128 a = _mm_loadu_ps(src + t * ld + d), b = _mm_loadu_ps(src + (t + 1) * ld + d);
+      __m128 c = _mm_loadu_ps(src + (t + 2) * ld + d), e = _mm_loadu_ps(src + (t + 3) * ld + d);
+      _MM_TRANSPOSE4_PS(a, b, c, e);
+      _mm_storeu_ps(o + t, a);
+      _mm_storeu_ps(o + F + t, b);
+      _mm_storeu_ps(o + 2 * F + t, c);
+      _mm_storeu_ps(o + 3 * F + t, e);
+    }
+    for (; t < fb; ++t)
+      for (int64_t r = 0; r < 4; ++r) o[r * F + t] = src[t * ld + d + r];
+  }
+#endif
+  for (; d < D; ++d) {
+    if (d + PFD < D) prefetch_write(dst + (d + PFD) * F, fb);
+    for (int64_t t = 0; t < fb; ++t) dst[d * F + t] = src[t * ld + d];
+  }
 }
 
 // The table's [F, D] shape from its buffer: w is [F, D] or, transposed, [D, F].
@@ -183,8 +256,10 @@ void decode_transposed(const int64_t* ip, const float* vp, int64_t B, int64_t k,
       // one 64-byte piece of each of the tw rows at a time (the rows are 4 KiB multiples apart
       // for F % 1024 == 0, so reading them element-interleaved would thrash one L1 set)
       for (int64_t f0 = 0; f0 < F; f0 += 16)
-        for (int64_t i = 0; i < tw; ++i)
+        for (int64_t i = 0; i < tw; ++i) {
+          if (f0 + 16 * PFD < F) __builtin_prefetch(wt + (d0 + i) * F + f0 + 16 * PFD, 0, 0);
           for (int64_t f = f0; f < std::min(F, f0 + 16); ++f) pack[f * TILE + i] = wt[(d0 + i) * F + f];
+        }
       for (int64_t b = 0; b < B; ++b) {
         float acc[TILE];
         for (int64_t i = 0; i < TILE; ++i) acc[i] = (bp && i < tw) ? bp[d0 + i] : 0.f;
@@ -389,14 +464,10 @@ void scatter_rows(i64arr crow, i64arr order, int64_t k, f32arr wgt, f32arr x, f3
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const int64_t f0 = blk * FBLK, fb = std::min(FBLK, F - f0);
-      if (dw)
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t t = 0; t < fb; ++t) wblk[t * LD + d] = dw[d * F + f0 + t];
+      if (dw) copy_columns_in(dw + f0, F, D, fb, wblk.data(), LD);
       for (int64_t t = 0; t < fb; ++t)
         scatter_row(a, f0 + t, want_out, oblk.data() + t * LD, dw ? wblk.data() + t * LD : nullptr);
-      if (op)
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t t = 0; t < fb; ++t) op[d * F + f0 + t] = oblk[t * LD + d];
+      if (op) copy_columns_out(oblk.data(), LD, D, fb, op + f0, F);
     }
   }
 }

@@ -87,6 +87,27 @@ def test_decoder_ops_transposed_equal_row_major(op, backend, how):
         assert got_g[1].is_contiguous(), "dW of a [D, F] decoder must come back [D, F] row-major"
 
 
+@pytest.mark.parametrize("d, f", [(43, 70), (7, 131), (1, 3)])
+def test_cpu_decode_transposed_odd_shapes_bit_identical(d, f):
+    """The C++ [D, F] kernels copy 4 x 4 tiles of the buffer and finish the rest one element
+    at a time: with D not a multiple of 4 and F not a multiple of 4 or of the 64-feature block,
+    forward, dvals and dW still equal the [F, D] kernels' bit for bit."""
+    gen = torch.Generator().manual_seed(d * 1000 + f)
+    W_df = torch.randn(d, f, generator=gen).requires_grad_()
+    W_fd = W_df.detach().t().contiguous().requires_grad_()
+    k, b = min(KK, f), 32
+    # every feature is used (b * k >= f), so every copied column reaches a result
+    idx = (torch.arange(b)[:, None] * k + torch.arange(k)) % f
+    vals = torch.rand(b, k, generator=gen).requires_grad_()
+    g = torch.randn(b, d, generator=gen)
+    outs = []
+    for W in (W_fd, W_df.T):
+        r = K.sparse_decode(vals, idx, W, backend="cpu")
+        outs.append((r, *torch.autograd.grad((r * g).sum(), (vals, W))))
+    for name, want, got in zip(("forward", "dvals", "dW"), outs[0], outs[1]):
+        _same(name, got, want, exact=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["topk_encode", "relu_encode", "batchtopk_encode"])
 def test_encoders_transposed_equal_row_major(op, backend):
