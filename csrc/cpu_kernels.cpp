@@ -253,13 +253,14 @@ void decode_transposed(const int64_t* ip, const float* vp, int64_t B, int64_t k,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t d0 = t * TILE, tw = std::min(TILE, D - d0);
-      // one 64-byte piece of each of the tw rows at a time (the rows are 4 KiB multiples apart
-      // for F % 1024 == 0, so reading them element-interleaved would thrash one L1 set)
-      for (int64_t f0 = 0; f0 < F; f0 += 16)
-        for (int64_t i = 0; i < tw; ++i) {
-          if (f0 + 16 * PFD < F) __builtin_prefetch(wt + (d0 + i) * F + f0 + 16 * PFD, 0, 0);
-          for (int64_t f = f0; f < std::min(F, f0 + 16); ++f) pack[f * TILE + i] = wt[(d0 + i) * F + f];
-        }
+      // FBLK columns of the tw rows at a time, 4 rows by 4 columns per register transpose (the
+      // rows are 4 KiB multiples apart for F % 1024 == 0, so reading all of them element-
+      // interleaved would thrash one L1 set); the next pieces are prefetched
+      for (int64_t f0 = 0; f0 < F; f0 += FBLK) {
+        if (f0 + 2 * FBLK < F)
+          for (int64_t i = 0; i < tw; ++i) prefetch_read(wt + (d0 + i) * F + f0 + 2 * FBLK, FBLK);
+        copy_columns_in(wt + d0 * F + f0, F, tw, std::min(FBLK, F - f0), pack.data() + f0 * TILE, TILE);
+      }
       for (int64_t b = 0; b < B; ++b) {
         float acc[TILE];
         for (int64_t i = 0; i < TILE; ++i) acc[i] = (bp && i < tw) ? bp[d0 + i] : 0.f;
