@@ -44,7 +44,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -642,38 +642,73 @@ def _drop_outliers(x: torch.Tensor, meta: dict[str, np.ndarray], offsets: Sequen
     return x[ok], {k: v[ok.numpy()] for k, v in meta.items()}, int((~ok).sum())
 
 
-class _Harvester:
-    """Runs the models over token batches and writes the kept rows to shards, recording the
-    progress in harvest-state.json after every shard (so a kill loses at most one shard)."""
+def batch_rows(batch: list[Chunk], caps: Sequence[LayerCapture], tokenizer, device: str
+               ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """One batch of chunks through every model -> rows [R, D] float32 (sources concatenated,
+    in the order of ``caps`` and their layers) and their side arrays ([R] each: tokens,
+    dataset, doc, pos), BOS and pad positions left out."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    bos = tokenizer.bos_token_id
+    ids, mask = pad_batch([c.ids for c in batch], pad_id)
+    hidden = []
+    for cap in caps:
+        got = cap.run(ids.to(device), mask.to(device))
+        hidden.extend(got[l] for l in cap.layers)
+    valid = mask.bool()
+    if bos is not None:
+        valid &= ids != bos
+    x = torch.cat([h[valid] for h in hidden], dim=1)  # [R, D]
+    meta = {k: v[valid].numpy() for k, v in _batch_meta(batch, ids.shape[1], bos is not None).items()}
+    meta["tokens"] = ids[valid].numpy()
+    return x, meta
 
-    def __init__(self, out: Path, state: dict, caps: Sequence[LayerCapture], widths: Sequence[int], dtype: str,
-                 tokenizer, device: str):
+
+class ActivationBatch(NamedTuple):
+    """The rows one model batch gave: ``index`` (its number in the stream, from 0), ``x`` [R, D]
+    float32 after the outlier filter (None when its forward pass was skipped), their side
+    arrays and the number of outlier rows dropped."""
+
+    index: int
+    x: torch.Tensor | None
+    meta: dict[str, np.ndarray]
+    dropped: int
+
+
+def iter_activations(plan: "HarvestPlan", caps: Sequence[LayerCapture], device: str, *, skip: int = 0,
+                     seen: "_StreamLog | None" = None, forward: Callable[[int], bool] | None = None
+                     ) -> Iterator[ActivationBatch]:
+    """The activation stream of a harvest: one ActivationBatch per model batch, from batch
+    ``skip`` on (the earlier ones replayed by tokenization only). ``forward(i)`` False skips
+    the models for batch i (yielded with ``x`` None): a resumed consumer rebuilds only the
+    batches it still holds rows of. ``fastxc.data.harvest.harvest`` writes this stream to a
+    store; ``fastxc.data.buffer`` trains from it."""
+    offsets = plan.offsets
+    factor = plan.config["outlier_factor"]
+    batches = _batch_stream(plan.specs, plan.tokenizer, plan.config, skip=skip, seen=seen,
+                            skip_bad_lines=plan.skip_bad_lines)
+    for i, batch in enumerate(batches, skip):
+        if forward is not None and not forward(i):
+            yield ActivationBatch(i, None, {}, 0)
+            continue
+        x, meta = batch_rows(batch, caps, plan.tokenizer, device)
+        dropped = 0
+        if factor > 0 and x.shape[0]:
+            x, meta, dropped = _drop_outliers(x, meta, offsets, factor)
+        yield ActivationBatch(i, x, meta, dropped)
+
+
+class _Harvester:
+    """Writes the kept rows of the activation stream to shards, recording the progress in
+    harvest-state.json after every shard (so a kill loses at most one shard)."""
+
+    def __init__(self, out: Path, state: dict, widths: Sequence[int], dtype: str):
         self.state_path, self.state = out / STATE, state
-        self.caps, self.device = caps, device
         self.writer = ShardWriter(out, widths, dtype)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.bos = tokenizer.bos_token_id
         self.pending: list[tuple[torch.Tensor, dict[str, np.ndarray]]] = []
         self.n_pending = 0
 
     def save_state(self) -> None:
         atomic_write_json(self.state_path, self.state)
-
-    def rows(self, batch: list[Chunk]) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-        """One batch through every model -> rows [R, D] (sources concatenated) and their side
-        arrays, BOS and pad positions left out."""
-        ids, mask = pad_batch([c.ids for c in batch], self.pad_id)
-        hidden = []
-        for cap in self.caps:
-            got = cap.run(ids.to(self.device), mask.to(self.device))
-            hidden.extend(got[l] for l in cap.layers)
-        valid = mask.bool()
-        if self.bos is not None:
-            valid &= ids != self.bos
-        x = torch.cat([h[valid] for h in hidden], dim=1)  # [R, D]
-        meta = {k: v[valid].numpy() for k, v in _batch_meta(batch, ids.shape[1], self.bos is not None).items()}
-        meta["tokens"] = ids[valid].numpy()
-        return x, meta
 
     def add(self, x: torch.Tensor, meta: dict[str, np.ndarray], shard_rows: int) -> None:
         """Queue rows for the next shard; write it once ``shard_rows`` rows are queued."""
@@ -694,27 +729,31 @@ class _Harvester:
         self.pending, self.n_pending = [], 0
         self.save_state()
 
-    def run(self, batches: Iterator[list[Chunk]], tokens: int, outlier_factor: float, shard_rows: int,
-            bar=None) -> None:
-        """Harvest batches until ``tokens`` rows are written or the data runs out."""
+    def done(self, tokens: int) -> bool:
+        return self.state["rows"] + self.n_pending >= tokens
+
+    def take(self, item: ActivationBatch, tokens: int, shard_rows: int, bar=None) -> None:
+        """Queue the rows of the stream's next model batch, cut at ``tokens`` rows in all."""
         st = self.state
+        x, meta = item.x, item.meta
+        st["dropped"] += item.dropped
+        take = min(x.shape[0], int(tokens) - st["rows"] - self.n_pending)
+        if take < x.shape[0]:
+            x = x[:take]
+            meta = {k: v[:take] for k, v in meta.items()}
+        st["batches"] += 1
+        if bar is not None:
+            bar.update(take)
+        self.add(x, meta, shard_rows)
+
+    def run(self, stream: Iterator[ActivationBatch], tokens: int, shard_rows: int, bar=None) -> None:
+        """Harvest batches until ``tokens`` rows are written or the data runs out."""
         self.save_state()  # from here on the folder reads as an unfinished harvest, resumable at any moment
-        while st["rows"] + self.n_pending < tokens:
-            batch = next(batches, None)
-            if batch is None:
+        while not self.done(tokens):
+            item = next(stream, None)  # lazily: no forward pass past the last row needed
+            if item is None:
                 break
-            x, meta = self.rows(batch)
-            if outlier_factor > 0 and x.shape[0]:
-                x, meta, dropped = _drop_outliers(x, meta, self.writer.offsets, outlier_factor)
-                st["dropped"] += dropped
-            take = min(x.shape[0], int(tokens) - st["rows"] - self.n_pending)
-            if take < x.shape[0]:
-                x = x[:take]
-                meta = {k: v[:take] for k, v in meta.items()}
-            st["batches"] += 1
-            if bar is not None:
-                bar.update(take)
-            self.add(x, meta, shard_rows)
+            self.take(item, tokens, shard_rows, bar)
         self.flush()
 
 
@@ -768,6 +807,137 @@ def _write_manifest(out: Path, config: dict, state: dict, specs: Sequence[Datase
     (out / STATE).unlink(missing_ok=True)
 
 
+@dataclass
+class HarvestPlan:
+    """A checked harvest, before any model weight is loaded: the models and their captured
+    layers, the datasets, the tokenizer, the sources (width, name) and ``config``, the
+    harvest's identity (what a store's manifest records as ``harvest_config``)."""
+
+    models: list[str]
+    revisions: list[str | None]
+    specs: list[DatasetSpec]
+    tokenizer: Any
+    layer_lists: list[list[int]]
+    widths: list[int]
+    sources: list[dict]
+    config: dict
+    skip_bad_lines: bool = False
+
+    @property
+    def offsets(self) -> list[int]:
+        """Column offsets of the sources in a row [D]: [0, d_0, d_0 + d_1, ...]."""
+        return [0] + np.cumsum(self.widths).tolist()
+
+    def load_models(self, device: str) -> list[LayerCapture]:
+        """Each model loaded on ``device`` with its layers' capture hooks (``remove()`` them)."""
+        return [LayerCapture(load_model(m, device, self.config["model_dtype"], r), ls)
+                for m, r, ls in zip(self.models, self.revisions, self.layer_lists)]
+
+
+def plan_harvest(models: Sequence[str], datasets: Sequence[str], tokens: int, layer: int | None = None,
+                 layers: Sequence[int] | None = None, context_length: int = 128, batch_size: int = 8,
+                 store_dtype: str = "bfloat16", model_dtype: str = "float32", text_field: str = "text",
+                 seed: int = 0, *, outlier_factor: float = 10.0, shard_tokens: int | None = None,
+                 source_names: Sequence[str] | None = None, revisions: Sequence[str | None] | None = None,
+                 shuffle_buffer: int = 0, ignore_special_tokens: bool = False,
+                 skip_bad_lines: bool = False) -> HarvestPlan:
+    """Check the settings, the datasets (first record) and the tokenizers, and read the model
+    configs (no weights): the HarvestPlan (arguments as ``harvest``). HarvestError on bad input."""
+    models = [str(m) for m in models]
+    dtype, specs, revisions, shard_rows = _check_settings(models, datasets, tokens, batch_size, outlier_factor,
+                                                          store_dtype, model_dtype, revisions, shard_tokens)
+    for spec in specs:  # fail on a bad dataset before any model is loaded
+        check_dataset(spec, text_field, skip_bad_lines)
+    toks = [load_tokenizer(m, r) for m, r in zip(models, revisions)]
+    check_tokenizers(toks, models, ignore_special_tokens)
+    tok = toks[0]
+    layer_lists, widths, sources = _plan_sources(models, revisions, layer, layers, source_names)
+    config = {  # the harvest's identity: a rerun with an equal config resumes or is a no-op
+        "models": models, "revisions": revisions, "layers": layer_lists, "source_names": [s["name"] for s in sources],
+        "datasets": [s.spec for s in specs], "tokens": int(tokens), "context_length": int(context_length),
+        "batch_size": int(batch_size), "store_dtype": dtype, "model_dtype": model_dtype,
+        "text_field": text_field, "seed": int(seed), "outlier_factor": float(outlier_factor),
+        "shard_tokens": shard_rows, "shuffle_buffer": int(shuffle_buffer),
+        "tokenizer_vocab_sha256": tokenizer_info(tok)["vocab_sha256"],
+    }
+    if ignore_special_tokens:  # only in the config when set: older stores keep their fingerprint
+        config["ignore_special_tokens"] = True
+    # skip_bad_lines and allow_short are not settings: the rows up to a bad line are the same with
+    # or without skipping, so a harvest stopped by one continues when rerun with --skip-bad-lines
+    return HarvestPlan(models, revisions, specs, tok, layer_lists, widths, sources, config, skip_bad_lines)
+
+
+class StoreSink:
+    """Writes an activation stream (``iter_activations``) into a store folder exactly as
+    ``harvest`` does: ``open`` it (None: the folder already holds this harvest), ``take`` the
+    stream's batches in order until ``done``, then ``finish``. A stream that starts past batch
+    0 (a resumed run) is fine as long as it starts at or before ``next_batch``: earlier batches
+    are ignored."""
+
+    def __init__(self, plan: HarvestPlan, out: Path, state: dict, created: bool):
+        self.plan, self.out, self.created = plan, out, created
+        self.tokens = int(plan.config["tokens"])
+        self.shard_rows = int(plan.config["shard_tokens"])
+        self.writer = _Harvester(out, state, plan.widths, plan.config["store_dtype"])
+        self.seen = _StreamLog([BadLines() for _ in plan.specs], [])
+        self.next_batch = int(state["batches"])  # the first model batch the store needs (the rest are done)
+
+    @classmethod
+    def open(cls, plan: HarvestPlan, out: str | os.PathLike, overwrite: bool = False) -> "StoreSink | None":
+        out = Path(out)
+        created = not out.exists()
+        state = _open_out(out, plan.config, overwrite)
+        if state is None:
+            return None
+        sink = cls(plan, out, state, created)
+        sink.writer.save_state()  # from here on the folder reads as an unfinished harvest, resumable
+        return sink
+
+    @property
+    def done(self) -> bool:
+        return self.writer.done(self.tokens)
+
+    def take(self, item: ActivationBatch, bar=None) -> None:
+        if self.done or item.index < self.writer.state["batches"]:
+            return
+        if item.index > self.writer.state["batches"]:  # a gap would shift every later row
+            raise HarvestError(f"the store in {self.out} needs model batch {self.writer.state['batches']} next, "
+                               f"got batch {item.index}")
+        self.writer.take(item, self.tokens, self.shard_rows, bar)
+
+    def fail(self, e: BaseException) -> BaseException:
+        """After an error: an unfinished store without a shard is removed; the error to raise."""
+        st = self.writer.state
+        if not st["shards"]:
+            _discard_unfinished(self.out, self.created)
+        elif isinstance(e, HarvestError):
+            return HarvestError(f"{e} ({len(st['shards'])} finished shard(s) are kept in {self.out}: rerun the same "
+                                "command to continue, or pass --overwrite to start again)")
+        return e
+
+    def finish(self, allow_short: bool = False) -> Path:
+        """Write the last shard and the manifest (HarvestError if the data ran out before
+        ``tokens`` rows, unless ``allow_short``)."""
+        self.writer.flush()
+        st, specs = self.writer.state, self.plan.specs
+        if st["rows"] == 0:
+            raise self.fail(HarvestError("no activations harvested: the datasets gave no tokens"))
+        if st["rows"] < self.tokens:
+            ran_out = ", ".join(specs[i].spec for i in self.seen.exhausted) or "a dataset"
+            if not allow_short:
+                # Kept unfinished (no manifest, so never read as a store), resumable: --allow-short
+                # finishes it without repeating a forward pass.
+                raise HarvestError(
+                    f"harvested {st['rows']} of {self.tokens} requested tokens: {ran_out} ran out; {self.out} is left "
+                    "unfinished (no manifest): rerun with --allow-short to keep these tokens as the store, or give "
+                    "more data or fewer --tokens with --overwrite")
+            # the manifest records it ("short") and the command prints it as a warning
+            log.info("harvested %d of %d requested tokens: %s ran out (--allow-short)", st["rows"], self.tokens, ran_out)
+        _write_manifest(self.out, self.plan.config, st, specs, self.plan.widths, self.plan.sources,
+                        self.plan.tokenizer, self.seen)
+        return self.out
+
+
 def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[str], tokens: int,
             layer: int | None = None, layers: Sequence[int] | None = None, context_length: int = 128,
             batch_size: int = 8, store_dtype: str = "bfloat16", device: str = "cpu",
@@ -809,71 +979,35 @@ def harvest(models: Sequence[str], out: str | os.PathLike, datasets: Sequence[st
     A harvest that stops with an error before finishing a shard leaves nothing behind; one that
     stops later keeps its finished shards (rerun the same command to continue).
     """
-    out, models = Path(out), [str(m) for m in models]
-    dtype, specs, revisions, shard_rows = _check_settings(models, datasets, tokens, batch_size, outlier_factor,
-                                                          store_dtype, model_dtype, revisions, shard_tokens)
-    for spec in specs:  # fail on a bad dataset before any model is loaded
-        check_dataset(spec, text_field, skip_bad_lines)
-    toks = [load_tokenizer(m, r) for m, r in zip(models, revisions)]
-    check_tokenizers(toks, models, ignore_special_tokens)
-    tok = toks[0]
-    layer_lists, widths, sources = _plan_sources(models, revisions, layer, layers, source_names)
-    config = {  # the harvest's identity: a rerun with an equal config resumes or is a no-op
-        "models": models, "revisions": revisions, "layers": layer_lists, "source_names": [s["name"] for s in sources],
-        "datasets": [s.spec for s in specs], "tokens": int(tokens), "context_length": int(context_length),
-        "batch_size": int(batch_size), "store_dtype": dtype, "model_dtype": model_dtype,
-        "text_field": text_field, "seed": int(seed), "outlier_factor": float(outlier_factor),
-        "shard_tokens": shard_rows, "shuffle_buffer": int(shuffle_buffer),
-        "tokenizer_vocab_sha256": tokenizer_info(tok)["vocab_sha256"],
-    }
-    if ignore_special_tokens:  # only in the config when set: older stores keep their fingerprint
-        config["ignore_special_tokens"] = True
-    # skip_bad_lines and allow_short are not settings: the rows up to a bad line are the same with
-    # or without skipping, so a harvest stopped by one continues when rerun with --skip-bad-lines
-    created = not out.exists()
-    state = _open_out(out, config, overwrite)
-    if state is None:
-        return out
-
-    seen = _StreamLog([BadLines() for _ in specs], [])
+    plan = plan_harvest(models, datasets, tokens, layer, layers, context_length, batch_size, store_dtype, model_dtype,
+                        text_field, seed, outlier_factor=outlier_factor, shard_tokens=shard_tokens,
+                        source_names=source_names, revisions=revisions, shuffle_buffer=shuffle_buffer,
+                        ignore_special_tokens=ignore_special_tokens, skip_bad_lines=skip_bad_lines)
+    sink = StoreSink.open(plan, out, overwrite)
+    if sink is None:
+        return Path(out)
+    state = sink.writer.state
     try:
-        batches = _batch_stream(specs, tok, config, skip=state["batches"], seen=seen, skip_bad_lines=skip_bad_lines)
-        caps = [LayerCapture(load_model(m, device, model_dtype, r), ls)
-                for m, r, ls in zip(models, revisions, layer_lists)]
+        caps = plan.load_models(device)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=int(tokens), initial=state["rows"], unit="tok", desc="harvest", dynamic_ncols=True)
         try:
-            _Harvester(out, state, caps, widths, dtype, tok, device).run(batches, tokens, outlier_factor, shard_rows, bar)
+            stream = iter_activations(plan, caps, device, skip=state["batches"], seen=sink.seen)
+            sink.writer.run(stream, sink.tokens, sink.shard_rows, bar)
         finally:
             if bar is not None:
                 bar.close()
             for c in caps:
                 c.remove()
-        if state["rows"] == 0:
-            raise HarvestError("no activations harvested: the datasets gave no tokens")
     except BaseException as e:
-        if not state["shards"]:
-            _discard_unfinished(out, created)
-        elif isinstance(e, HarvestError):
-            raise HarvestError(f"{e} ({len(state['shards'])} finished shard(s) are kept in {out}: rerun the same "
-                               "command to continue, or pass --overwrite to start again)") from e
-        raise
-    if state["rows"] < int(tokens):
-        ran_out = ", ".join(specs[i].spec for i in seen.exhausted) or "a dataset"
-        if not allow_short:
-            # Kept unfinished (no manifest, so never read as a store), resumable: --allow-short
-            # finishes it without repeating a forward pass.
-            raise HarvestError(
-                f"harvested {state['rows']} of {int(tokens)} requested tokens: {ran_out} ran out; {out} is left "
-                "unfinished (no manifest): rerun with --allow-short to keep these tokens as the store, or give "
-                "more data or fewer --tokens with --overwrite")
-        # the manifest records it ("short") and the command prints it as a warning
-        log.info("harvested %d of %d requested tokens: %s ran out (--allow-short)", state["rows"], tokens, ran_out)
-    _write_manifest(out, config, state, specs, widths, sources, tok, seen)
-    return out
+        err = sink.fail(e)
+        if err is e:
+            raise
+        raise err from e
+    return sink.finish(allow_short)
 
 
 # ------------------------------------------------------------------------------------------ CLI

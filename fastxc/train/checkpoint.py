@@ -107,12 +107,16 @@ def _write_state(tmp: Path, opt: torch.optim.Optimizer, state: dict) -> None:
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
 
 
-def save_checkpoint(out: Path, model: Crosscoder, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Write ``out/checkpoint`` (the single-process format) atomically."""
+def save_checkpoint(out: Path, model: Crosscoder, opt: torch.optim.Optimizer, state: dict,
+                    extra: dict[str, dict[str, Tensor]] | None = None) -> None:
+    """Write ``out/checkpoint`` (the single-process format) atomically; ``extra``: further
+    safetensors files (name -> tensors), e.g. a shuffle buffer's slots."""
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save(tmp / "model")
+        for name, tensors in (extra or {}).items():
+            save_safetensors(tensors, tmp / name)
         sd = opt.state_dict()
         tensors = {f"state.{pid}.{name}": v.detach().contiguous().cpu() for pid, st in sd["state"].items() for name, v in st.items()}
         tensors["rng.torch"] = torch.get_rng_state()
@@ -180,7 +184,7 @@ def _shard_tensors(model: FeatureParallelCrosscoder, opt: torch.optim.Optimizer)
 
 
 def save_sharded_checkpoint(out: Path, model: FeatureParallelCrosscoder, opt: torch.optim.Optimizer, state: dict,
-                            ctx: DistContext) -> Path:
+                            ctx: DistContext, extra: dict[str, dict[str, Tensor]] | None = None) -> Path:
     """Write ``out/checkpoint`` from every rank (call on all ranks): rank{r}.safetensors each,
     then rank 0 writes manifest.json and state.json and swaps the directory in."""
 
@@ -207,7 +211,9 @@ def save_sharded_checkpoint(out: Path, model: FeatureParallelCrosscoder, opt: to
         try:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             _write_state(tmp, opt, state)
-            for p in (tmp / "manifest.json", tmp / "state.json"):
+            for name, tensors in (extra or {}).items():
+                save_safetensors(tensors, tmp / name)
+            for p in (tmp / "manifest.json", tmp / "state.json", *(tmp / name for name in extra or {})):
                 _fsync(p)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -217,13 +223,30 @@ def save_sharded_checkpoint(out: Path, model: FeatureParallelCrosscoder, opt: to
     return out / "checkpoint"
 
 
+def _data_files(state: dict, ctx: DistContext | None) -> tuple[dict, dict[str, dict[str, Tensor]]]:
+    """The state without its data tensors, and the files they go to: ``data.safetensors``, or
+    under --parallel data with several ranks every rank's (gathered to rank 0) in
+    ``data.rank{r}.safetensors``, its JSON part in the list ``state["data"]``."""
+    state = dict(state)
+    tensors = state.pop("_data_tensors", None)
+    if tensors is None:
+        return state, {}
+    if ctx is None or ctx.mode != "data" or ctx.world_size == 1:
+        return state, {"data.safetensors": tensors}
+    every = [None] * ctx.world_size
+    dist.all_gather_object(every, (state["data"], tensors))
+    state["data"] = [d for d, _ in every]
+    return state, {f"data.rank{r}.safetensors": t for r, (_, t) in enumerate(every)}
+
+
 def save(out: Path, model: nn.Module, opt: torch.optim.Optimizer, ctx: DistContext | None, state: dict) -> None:
     """The checkpoint of this run, called on every rank: sharded under --parallel features,
-    rank 0's single-process copy otherwise."""
+    rank 0's single-process copy otherwise (with every rank's data position)."""
+    state, extra = _data_files(state, ctx)
     if ctx is not None and ctx.mode == "features":
-        save_sharded_checkpoint(out, model, opt, state, ctx)
+        save_sharded_checkpoint(out, model, opt, state, ctx, extra)
     elif parallel.is_main(ctx):
-        save_checkpoint(out, model, opt, state)
+        save_checkpoint(out, model, opt, state, extra)
     barrier(ctx)
 
 

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None, default_store: Callable[[bool], str]
                 print_summary(result)
             return 0
         cfg = config_from_flags(args)
-        embedded = cfg.store is None and cfg.source is None
+        embedded = cfg.store is None and cfg.source is None and not cfg.on_the_fly
         if embedded and default_store is not None:
             cfg = dataclasses.replace(cfg, store=default_store(cfg.progress))
         result = train(cfg)

@@ -27,8 +27,12 @@ class TrainError(RuntimeError):
     """A training run that cannot go on (bad config, bad data, diverged); one-line message."""
 
 
-def _doc(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _doc(text: str, metadata_extra: dict | None = None, **kw) -> Any:
+    return field(metadata={"help": text, **(metadata_extra or {})}, **kw)
+
+
+# The harvest flags: they mean something only when training straight from the models.
+HARVEST_FIELDS = ("model_b", "layer", "layers", "dataset", "tokens", "save_store", "shard_tokens")
 
 
 @dataclass
@@ -39,6 +43,32 @@ class TrainConfig:
     store: str | None = _doc("activation store directory to train from", default=None)
     source: str | None = _doc("'synthetic' for the planted-feature source; default: the embedded default", default=None)
     widths: str | None = _doc("expected source widths, comma-separated; checked against the data (synthetic: sets them)", default=None)
+    # training straight from the models (no store): the harvest's sources and data flags
+    model_a: str | None = _doc("train straight from this model (hub id or local folder) and --model-b, harvesting "
+                               "into an in-memory shuffle buffer (no store)", default=None)
+    model_b: str | None = _doc("the second model of --model-a", default=None)
+    model: list | None = _doc("further models to train from (repeatable)", default=None, metadata_extra={"append": True})
+    layer: int | None = _doc("decoder layer whose input is captured (default: half depth)", default=None,
+                             metadata_extra={"type": int})
+    layers: str | None = _doc("several layers of each model as sources, e.g. 2,4,6", default=None)
+    dataset: list | None = _doc("path_or_id[@config][#split][:proportion] of the texts to harvest (repeatable: a mix)",
+                                default=None, metadata_extra={"append": True})
+    text_field: str = _doc("dataset field with the text", default="text")
+    skip_bad_lines: bool = _doc("skip and count .jsonl/.txt lines that are not UTF-8 or not a JSON object", default=False)
+    tokens: int | None = _doc("rows to harvest (default: steps x batch size, every row trained on once)", default=None,
+                              metadata_extra={"type": int})
+    buffer_rows: int = _doc("rows in the shuffle buffer (refilled by half; batches drawn uniformly from it)",
+                            default=65536)
+    context_length: int = _doc("tokens per model input sequence, BOS included", default=128)
+    harvest_batch_size: int = _doc("sequences per model forward pass", default=8)
+    model_dtype: str = _doc("dtype the models run in: float32, bfloat16, float16", default="float32")
+    outlier_factor: float = _doc("drop positions with a norm > factor x the median (0: keep all)", default=10.0)
+    shuffle_buffer: int = _doc("streaming document shuffle buffer (0: off)", default=0)
+    ignore_special_tokens: bool = _doc("require only the regular vocabularies to match", default=False)
+    save_store: str | None = _doc("also write the harvested rows as a store here (as fastxc harvest would)", default=None)
+    store_dtype: str = _doc("dtype of the --save-store store: bfloat16, float16, float32, fp8", default="bfloat16")
+    shard_tokens: int | None = _doc("rows per shard of the --save-store store (default 65536)", default=None,
+                                    metadata_extra={"type": int})
     # model
     activation: str = _doc(f"one of {', '.join(ACTIVATIONS)}", default="topk")
     # k = 16 of 1024 suits the embedded default (two 128-wide sources): at k = 32 the feature that
@@ -121,6 +151,7 @@ class TrainConfig:
             raise TrainError(f"--source must be 'synthetic' (or omitted), got {self.source!r}")
         if self.store and self.source == "synthetic":
             raise TrainError("give either --store or --source synthetic, not both")
+        self._validate_models()
         if (self.resume or self.resume_if_exists) and self.overwrite:
             flag = "--resume" if self.resume else "--resume-if-exists"
             raise TrainError(f"{flag} and --overwrite contradict each other")
@@ -134,6 +165,68 @@ class TrainConfig:
         if self.parallel == "features" and self.activation == "jumprelu":
             raise TrainError("--activation jumprelu does not run under --parallel features yet; use --parallel data or none")
         self.parsed_widths()
+
+    def model_list(self) -> list[str]:
+        """The models to train straight from (--model-a, --model-b, then each --model)."""
+        return [m for m in (self.model_a, self.model_b) if m] + [str(m) for m in (self.model or [])]
+
+    @property
+    def on_the_fly(self) -> bool:
+        """Training straight from the models (harvesting into a shuffle buffer), not a store."""
+        return bool(self.model_list())
+
+    def harvest_tokens(self) -> int:
+        """Rows to harvest: --tokens, or steps x batch size (each trained on once)."""
+        return int(self.tokens) if self.tokens is not None else self.steps * self.batch_size
+
+    def parsed_layers(self) -> list[int] | None:
+        if self.layers is None:
+            return None
+        try:
+            return [int(v) for v in str(self.layers).replace(" ", "").split(",") if v]
+        except ValueError:
+            raise TrainError(f"--layers must be comma-separated integers, got {self.layers!r}") from None
+
+    def _validate_models(self) -> None:
+        """The flags of training straight from the models (checked before anything is loaded)."""
+        for name in ("model", "dataset"):  # a config file may give one as a plain string
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if not self.on_the_fly:
+            given = [f for f in HARVEST_FIELDS if getattr(self, f) not in (None, [])]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise TrainError(f"{flag} is for training straight from the models: give --model-a and --model-b "
+                                 "(or --model, repeated)")
+            return
+        if self.store:
+            raise TrainError("give either --store or --model-a/--model-b/--model (training straight from the "
+                             "models), not both")
+        if self.source == "synthetic":
+            raise TrainError("give either --source synthetic or --model-a/--model-b/--model, not both")
+        if self.verify_store:
+            raise TrainError("--verify-store checks a --store; training straight from the models has none")
+        layers = self.parsed_layers()
+        if len(self.model_list()) == 1 and (layers is None or len(set(layers)) < 2):
+            raise TrainError("one model gives one source: give a second model (--model-b) or several --layers")
+        if not self.dataset:
+            raise TrainError("no dataset to harvest: give --dataset PATH_OR_ID[:PROPORTION] (repeatable)")
+        for name in ("buffer_rows", "context_length", "harvest_batch_size"):
+            if getattr(self, name) <= 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.buffer_rows < self.batch_size:
+            raise TrainError(f"--buffer-rows {self.buffer_rows} is smaller than the batch (--batch-size "
+                             f"{self.batch_size}): the buffer must hold at least one batch")
+        if self.tokens is not None and self.tokens <= 0:
+            raise TrainError(f"--tokens must be positive, got {self.tokens}")
+        if self.harvest_tokens() < self.steps * self.batch_size:
+            raise TrainError(f"--tokens {self.tokens} is fewer than --steps x --batch-size = "
+                             f"{self.steps * self.batch_size}: each row is trained on once; give more --tokens "
+                             "or fewer --steps")
+        if not (math.isfinite(self.outlier_factor) and self.outlier_factor >= 0):
+            raise TrainError(f"--outlier-factor must be >= 0, got {self.outlier_factor}")
+        if self.save_store is not None and self.out is not None and Path(self.save_store).resolve() == Path(self.out).resolve():
+            raise TrainError("--save-store must be another folder than --out")
 
     def log_backends(self) -> list[str]:
         """The --log backends, e.g. ['tensorboard', 'wandb'] ([] for 'none')."""
@@ -177,14 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         helptext = f"{f.metadata['help']} (default: {default})"
-        if isinstance(default, bool):
+        if f.metadata.get("append"):
+            p.add_argument(flag, action="append", metavar=f.name.upper(), help=helptext)
+        elif isinstance(default, bool):
             if default:
                 p.add_argument(flag, type=_bool, metavar="BOOL", help=helptext)
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"turn off {flag}")
             else:
                 p.add_argument(flag, action="store_true", help=helptext)
         else:
-            typ = {int: int, float: float}.get(type(default), str)
+            typ = f.metadata.get("type") or {int: int, float: float}.get(type(default), str)
             p.add_argument(flag, type=typ, help=helptext)
     return p
 

@@ -48,11 +48,15 @@ class DataSource(NamedTuple):
     description: str
     source_names: list[str] | None
     truth: Any = None  # synthetic: the planted features (fastxc.data.synthetic.PlantedTruth)
+    models: Any = None  # training straight from the models: the OnTheFlySource (fastxc.data.buffer)
 
 
-def open_data(cfg: TrainConfig) -> DataSource:
-    """The data of ``cfg``: its ``--store``, else the planted synthetic source."""
+def open_data(cfg: TrainConfig, ctx: DistContext | None = None, device: torch.device | None = None) -> DataSource:
+    """The data of ``cfg``: its ``--store``, the models (``--model-a`` ...: harvested on the fly;
+    the scales come with the first fill, ``_start_stream``), else the planted synthetic source."""
     want = cfg.parsed_widths()
+    if cfg.on_the_fly:
+        return _open_models(cfg, want, ctx, device or torch.device("cpu"))
     store_path = cfg.store
     if store_path is not None:
         from fastxc.data.store import open_store
@@ -73,6 +77,89 @@ def open_data(cfg: TrainConfig) -> DataSource:
     src = PlantedSource(widths, n_shared=cfg.synthetic_shared, n_unique=cfg.synthetic_unique, noise=cfg.synthetic_noise, seed=cfg.seed)
     names = ["A", "B"] if len(widths) == 2 else None
     return DataSource(widths, src.batches, None, f"synthetic planted source (widths {widths}, seed {cfg.seed})", names, src.truth)
+
+
+def _open_models(cfg: TrainConfig, want: list[int] | None, ctx: DistContext | None, device: torch.device) -> DataSource:
+    """Check the harvest settings, datasets and tokenizers, then load the models (no forward yet)."""
+    from fastxc.data.buffer import OnTheFlySource
+    from fastxc.data.harvest import plan_harvest
+
+    plan = plan_harvest(cfg.model_list(), cfg.dataset, cfg.harvest_tokens(), layer=cfg.layer,
+                        layers=cfg.parsed_layers(), context_length=cfg.context_length,
+                        batch_size=cfg.harvest_batch_size, store_dtype=cfg.store_dtype, model_dtype=cfg.model_dtype,
+                        text_field=cfg.text_field, seed=cfg.seed, outlier_factor=cfg.outlier_factor,
+                        shard_tokens=cfg.shard_tokens, shuffle_buffer=cfg.shuffle_buffer,
+                        ignore_special_tokens=cfg.ignore_special_tokens, skip_bad_lines=cfg.skip_bad_lines)
+    if want is not None and want != plan.widths:
+        raise TrainError(f"--widths {want} do not match the models' widths {plan.widths}")
+    # data parallel: each rank harvests every world-th model batch into its own buffer
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.mode == "data" else (0, 1)
+    if cfg.batch_size % world or cfg.buffer_rows // world < cfg.batch_size // world:
+        raise TrainError(f"--batch-size {cfg.batch_size} and --buffer-rows {cfg.buffer_rows} must split over the "
+                         f"{world} data-parallel ranks")
+    src = OnTheFlySource(plan, str(device), cfg.buffer_rows // world, cfg.harvest_tokens() // world, rank, world)
+    names = [s["name"] for s in plan.sources]
+    what = (f"the models {', '.join(plan.models)} on the fly ({cfg.harvest_tokens()} tokens, buffer of "
+            f"{cfg.buffer_rows} rows)")
+    return DataSource(list(plan.widths), _eval_stream(cfg, src), None, what, names, models=src)
+
+
+def _eval_stream(cfg: TrainConfig, src):
+    """``batches(batch_size, seed, start)`` of an on-the-fly source for the evaluation: a fresh
+    stream from the start of the data (with the training stream's scales), as a store's
+    evaluation reads the store in another order; a buffer of just the batches it needs."""
+
+    def batches(batch_size: int, seed: int, start: int = 0):
+        rows = max(batch_size, min(cfg.buffer_rows, cfg.eval_batches * batch_size, src.tokens))
+        it = src.stream(batch_size, seed, buffer_rows=rows, tokens=(start + cfg.eval_batches) * batch_size,
+                        scales=src.scales)
+        for _ in range(start):
+            next(it)
+        return it
+
+    return batches
+
+
+def _data_state(ckpt: Path | None, ctx: DistContext | None) -> tuple[dict, dict] | None:
+    """The buffer state (JSON, tensors) this rank resumes from: the checkpoint's ``data``."""
+    if ckpt is None:
+        return None
+    meta = json.loads((ckpt / "state.json").read_text())
+    if "data" not in meta:
+        raise TrainError(f"{ckpt} holds no data position of a run trained straight from the models "
+                         "(a --store run?): resume it with the flags it was trained with")
+    from safetensors.torch import load_file
+
+    rank = ctx.rank if ctx is not None and ctx.mode == "data" else 0
+    states = meta["data"] if isinstance(meta["data"], list) else [meta["data"]]
+    world = ctx.world_size if ctx is not None and ctx.mode == "data" else 1
+    if len(states) != world:
+        raise TrainError(f"{ckpt} was written by {len(states)} data-parallel rank(s); resume it with as many")
+    name = "data.safetensors" if world == 1 else f"data.rank{rank}.safetensors"
+    return states[rank], load_file(str(ckpt / name))
+
+
+def _start_stream(run: "_Run", ckpt: Path | None) -> None:
+    """Training straight from the models: open the store sink (--save-store) and the training
+    stream, fresh (its first fill gives the scales: all-reduced under data parallel) or
+    rebuilt at the checkpoint's position. A finished run only evaluates: no stream then."""
+    from fastxc.data.buffer import scales_from_sums
+
+    cfg, src = run.cfg, run.data.models
+    state = _data_state(ckpt, run.ctx)
+    if state is not None and state[0]["position"] >= cfg.steps and run.sink is None:
+        src.scales = state[0]["scales"]  # a finished run: it only evaluates
+        return
+    world = src.world
+    B = cfg.batch_size // world
+    it = src.stream(B, cfg.seed, state=state, sink=run.sink)
+    if state is None:
+        sums = torch.tensor([*it.first_fill_sums, float(it.first_fill_rows)], dtype=torch.float64)
+        if run.ctx is not None and run.ctx.mode == "data":
+            parallel.all_reduce(sums)
+        it.set_scales(scales_from_sums(sums[:-1].tolist(), int(sums[-1]), run.data.widths))
+    src.scales = it.scales
+    run.stream = it
 
 
 def verify_store(reader, progress: bool) -> None:
@@ -137,6 +224,8 @@ class _Run:
     bad_run: int = 0  # consecutive non-finite batches just before this step
     first_fvu: float | None = None  # the worst source FVU of the untrained model (step 0): divergence's yardstick
     diverged: int = 0  # consecutive diverged batches just before this step (never in a checkpoint)
+    stream: Any = None  # training straight from the models: the BufferedBatches it trains from
+    sink: Any = None  # --save-store: the StoreSink the harvested rows go to
 
     @property
     def is_main(self) -> bool:
@@ -144,13 +233,19 @@ class _Run:
 
     def state(self) -> dict:
         """The trainer state a checkpoint keeps (state.json)."""
-        return {"step": self.step, "skipped": self.skipped, "bad_run": self.bad_run, "first_fvu": self.first_fvu,
-                "config": dataclasses.asdict(self.cfg)}
+        st = {"step": self.step, "skipped": self.skipped, "bad_run": self.bad_run, "first_fvu": self.first_fvu,
+              "config": dataclasses.asdict(self.cfg)}
+        if self.stream is not None:  # the data position: rebuilt on resume (checkpoint.save writes the tensors)
+            st["data"], st["_data_tensors"] = self.stream.state()
+        return st
 
 
-def _prepare_out(cfg: TrainConfig) -> Path:
-    """The run folder: created, refused if it holds a run (unless --resume), or cleared (--overwrite)."""
+def _prepare_out(cfg: TrainConfig, then=None) -> Path:
+    """The run folder: created, refused if it holds a run (unless --resume), or cleared
+    (--overwrite); ``then()`` runs between the checks and the folder's creation."""
     out, has_run = _check_out(cfg)
+    if then is not None:
+        then()
     return _make_out(cfg, out, has_run)
 
 
@@ -234,11 +329,50 @@ def _start(cfg: TrainConfig) -> _Run:
     if ctx is not None:
         device = ctx.device
     loggers.check_available(cfg)
-    data = open_data(cfg)
-    out = parallel.from_main(lambda: _prepare_out(cfg), ctx)
+    # (open_data(cfg) as such: tests replace it with a one-argument function)
+    data = _open_models(cfg, cfg.parsed_widths(), ctx, device) if cfg.on_the_fly else open_data(cfg)
+    sink, run = [], None
+
+    def open_sink() -> None:  # --save-store: checked (and created) only once the run folder passed
+        if cfg.save_store is not None and data.models is not None:
+            from fastxc.data.harvest import StoreSink
+
+            sink.append(StoreSink.open(data.models.plan, cfg.save_store, cfg.overwrite))
+
+    try:
+        out = parallel.from_main(lambda: _prepare_out(cfg, open_sink), ctx)
+        run = _Run(cfg, ctx, device, data, out, None, None, sink=sink[0] if sink else None)
+        if data.models is not None:
+            resuming = cfg.resume or cfg.resume_if_exists
+            _start_stream(run, checkpoint.find_checkpoint(out) if resuming else None)
+            data = run.data = data._replace(scales=data.models.scales)
+    except BaseException as e:
+        if run is None and sink and sink[0] is not None:
+            sink[0].fail(e)
+        _close_stream(run, data, e)
+        raise
     torch.manual_seed(cfg.seed)
-    model = wrap(_build_model(cfg, data, device), ctx)
-    return _Run(cfg, ctx, device, data, out, model, _make_optimizer(model, cfg))
+    run.model = wrap(_build_model(cfg, data, device), ctx)
+    run.opt = _make_optimizer(run.model, cfg)
+    return run
+
+
+def _close_stream(run: "_Run | None", data: DataSource, error: BaseException | None = None) -> None:
+    """Stop the producer thread and free the models' hooks. With --save-store and no error
+    the producer first finishes the store's rows and the store gets its manifest; after an
+    error a store without a finished shard is removed."""
+    stream, sink = (run.stream, run.sink) if run is not None else (None, None)
+    if stream is not None:
+        run.stream = None
+        stream.close(wait_for_sink=error is None)
+    if sink is not None:
+        run.sink = None
+        if error is not None:
+            sink.fail(error)
+        else:
+            sink.finish()
+    if error is not None and data.models is not None:
+        data.models.close()
 
 
 def _restore(run: _Run) -> None:
@@ -285,7 +419,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run training as configured; returns the model, the output folder and the summary
     (model None and summary empty on ranks other than 0)."""
     run = _start(cfg)
-    _restore(run)
+    try:
+        _restore(run)
+    except BaseException as e:
+        _close_stream(run, run.data, e)
+        raise
     print(f"fastxc: training a {cfg.activation} crosscoder, widths {run.data.widths}, F={cfg.n_features}"
           + (f", k={cfg.k}" if cfg.activation in ("topk", "batchtopk") else "") + f" on {run.data.description}", file=sys.stderr)
     names = run.data.source_names or [str(i) for i in range(len(run.data.widths))]
@@ -293,8 +431,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         _run_steps(run)
         return _finish(run)
-    except OSError as e:  # metrics.jsonl, summary.json (checkpoints and the model raise TrainError themselves)
-        if checkpoint.is_disk_full(e):
+    except BaseException as e:
+        _close_stream(run, run.data, e)
+        if isinstance(e, OSError) and checkpoint.is_disk_full(e):  # metrics.jsonl, summary.json
             raise checkpoint.write_error(e, f"the run's files in {run.out}", run.out) from e
         raise
     finally:
@@ -314,7 +453,10 @@ def _hooks_removed(opt):
 def _run_steps(run: _Run) -> None:
     """Steps run.step .. cfg.steps: train, log, checkpoint (skipping non-finite batches)."""
     cfg = run.cfg
-    batches = parallel.batches(run.data.batches, cfg.batch_size, cfg.seed, run.step, run.ctx)
+    if run.data.models is not None:  # this rank's rows, drawn from its shuffle buffer
+        batches = parallel.agree_finite(run.stream, run.ctx) if run.stream is not None else iter(())
+    else:
+        batches = parallel.batches(run.data.batches, cfg.batch_size, cfg.seed, run.step, run.ctx)
     run.model.train()
     bar = _progress(cfg, run.step) if run.is_main else _NoBar()
     # the in-backward optimizer's hooks come off the model when the loop ends, however it ends
@@ -323,6 +465,8 @@ def _run_steps(run: _Run) -> None:
         metrics = _MetricsLog(file, bar, cfg, run.is_main, run.backends)
         while run.step < cfg.steps:
             _step_on(run, _to_device(next(batches), run.device), metrics, bar)
+            if run.stream is not None:  # tokens harvested (this rank's) beside the steps trained
+                bar.set_description_str(f"train [{run.stream.taken:,} tok harvested]", refresh=False)
 
 
 def _step_on(run: _Run, x: torch.Tensor, metrics: _MetricsLog, bar) -> None:
@@ -414,6 +558,7 @@ def _check_divergence(run: _Run, finite: bool, loss: float, fvu: float) -> None:
 def _finish(run: _Run) -> TrainResult:
     """The final checkpoint; then on rank 0 the whole model, saved and evaluated; leave the group."""
     checkpoint.save(run.out, run.model, run.opt, run.ctx, run.state())
+    _close_stream(run, run.data)  # --save-store: the store is finished here
     model = checkpoint.full_model(run.model, run.ctx, run.out / "checkpoint")  # None on ranks other than 0
     summary: dict = {}
     if model is not None:
@@ -423,6 +568,8 @@ def _finish(run: _Run) -> TrainResult:
         _write_json(run.out / "summary.json", {k: v for k, v in summary.items() if not k.startswith("_")})
         if run.backends is not None and "_nrn" in summary:
             run.backends.histogram("nrn", summary["_nrn"], run.step)
+    if run.data.models is not None:
+        run.data.models.close()
     parallel.shutdown(run.ctx)
     return TrainResult(model, run.out, summary)
 
@@ -489,6 +636,9 @@ def _format_metrics(rec: dict) -> str:
 
 class _NoBar:
     def update(self, n=1):
+        pass
+
+    def set_description_str(self, desc=None, refresh=True):
         pass
 
     def set_postfix(self, **kw):

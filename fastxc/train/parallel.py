@@ -207,6 +207,13 @@ def _agree_finite(it: Iterator[Tensor], device: torch.device) -> Iterator[Tensor
         yield x if bad.item() == 0 else torch.full_like(x, float("nan"))
 
 
+def agree_finite(it: Iterator[Tensor], ctx: DistContext | None) -> Iterator[Tensor]:
+    """``it`` itself, or under --parallel data the batches every rank agrees are finite."""
+    if ctx is None or ctx.mode != "data":
+        return it
+    return _agree_finite(it, ctx.device)
+
+
 def batches(make: Callable[..., Iterator[Tensor]], batch_size: int, seed: int, start: int,
             ctx: DistContext | None) -> Iterator[Tensor]:
     """The batches this rank trains on, from ``make(batch_size, seed=, start=)`` (a DataSource's

@@ -89,6 +89,9 @@ def sweep_from_flags(args: dict) -> Sweep:
     base = TrainConfig(**top)
     if base.parallel != "none":
         raise TrainError("--sweep trains every run in one process; --parallel data|features does not run with it")
+    if base.on_the_fly or base.dataset:
+        raise TrainError("--sweep trains from a store or the synthetic source; training straight from the models "
+                         "(--model-a, --model-b, --model, --dataset) does not run under --sweep yet")
     if base.store is None and base.source in (None, "default"):
         raise TrainError(f"sweep file {path}: give the data: store: DIR (or source: synthetic)")
     if "wandb" in base.log_backends():
