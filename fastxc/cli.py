@@ -4,6 +4,7 @@
     fastxc harvest [flags]      write an activation store from Hugging Face models
     fastxc organism [flags]     build (or reuse) the model organism
     fastxc diff | reasoning | ablate | steer | geometry | eval | report | stability [flags]
+    fastxc study [flags]        the organism study end to end (python -m fastxc.study)
     fastxc export | store [flags]   interop formats; the activation store's info and validate
 
 ``python -m fastxc <subcommand>`` is the same command; ``python -m fastxc.train`` is the
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "geometry": ("fastxc.analysis.geometry", "word-pair geometry of both models' residuals"),
     "eval": ("fastxc.analysis.evaluate", "spliced-in loss recovered, FVU and L0"),
     "report": ("fastxc.analysis.report", "one HTML page from the analyses' outputs"),
+    "study": ("fastxc.study.__main__", "the whole organism study: crosscoders, analyses, study.json"),
     "export": ("fastxc.export.__main__", "a crosscoder to SAELens / dictionary_learning, or back"),
     "store": ("fastxc.store.__main__", "an activation store's metadata (info) or integrity (validate)"),
 }
@@ -49,15 +51,16 @@ def build_parser(name: str):
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``fastxc train``: ``fastxc.train.main`` with the embedded default (the organism's store)
-    when none of --store, --source, --config, --sweep is given, and the next commands printed
-    after it.
+    when none of --store, --source, --config, --sweep, --model-a, --model-b, --model is given
+    (the last three train straight from the models), and the next commands printed after it.
 
     The embedded default runs under pinned CPU numerics (``fastxc.core.numerics``), so its
     crosscoder is the same on every x86-64 machine; called before torch starts (as the
     command line does), this pins the process.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.split("=")[0] in ("--store", "--source", "--config", "--sweep") for a in args):
+    data_flags = ("--store", "--source", "--config", "--sweep", "--model-a", "--model-b", "--model")
+    if not any(a.split("=")[0] in data_flags for a in args):
         from fastxc.core import numerics
 
         numerics.pin()

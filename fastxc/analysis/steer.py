@@ -19,8 +19,9 @@ Markers are counted as tokens: occurrences of each marker's token spelling in th
 ("WaitWait" is two), with substring occurrences in the decoded text beside them as a cross-check.
 Coherence is reported with the rates: the fraction of generations whose ``</think>`` closed,
 that gave an answer after it, and (where the prompts come with answers) whose answer is right.
-CLI: ``python -m fastxc.analysis.steer --crosscoder DIR --store DIR --feature K --prompts FILE
---multiples 0,1,2,4,8``.
+CLI: ``python -m fastxc.analysis.steer --crosscoder DIR --store DIR --feature K --prompts FILE``.
+Its defaults are the protocol of ``fastxc study`` and the README: the first 50 prompts, up to 160
+generated tokens each, at ``DEFAULT_MULTIPLES`` of the mean activation.
 """
 from __future__ import annotations
 
@@ -76,6 +77,10 @@ def diff_means_direction(reader, tokenizer, words: Sequence[str], source: int, n
 
 
 PREDICT_METHODS = ("f1", "ablation")
+# Steering strengths, multiples of the unit: steps of 0.5 up to 2 and then doubling, so that the
+# strength where over-thinking starts to break </think> (between 1x and 2x on the organism) is
+# resolved, and 8x shows the saturated end.
+DEFAULT_MULTIPLES = "0,0.5,1,1.5,2,3,4,8"
 
 
 def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min: float = 0.5,
@@ -376,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with --prompt-field")
     p.add_argument("--prompt-field", default="question", help="field of the --prompts .jsonl records holding the prompt")
     p.add_argument("--suffix", default="", help="appended to every prompt, e.g. ' <think>'")
-    p.add_argument("--n-prompts", type=int, default=32, help="prompts read from --prompts (the first N)")
+    p.add_argument("--n-prompts", type=int, default=50, help="prompts read from --prompts (the first N)")
     p.add_argument("--steer", default="b", choices=("a", "b"), help="which model to steer (source 0 = a, 1 = b)")
     p.add_argument("--feature", default=None,
                    help="comma-separated crosscoder features to add, or 'auto:CATEGORY': the steered model's "
@@ -390,12 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-field", default="answer",
                    help="field of the --prompts .jsonl records holding the expected answer (without it, "
                         "correctness is reported as not judged)")
-    p.add_argument("--multiples", default="0,1,2,4,8",
+    p.add_argument("--multiples", default=DEFAULT_MULTIPLES,
                    help="comma-separated steering strengths, as multiples of the --alpha-unit (0: unsteered)")
     p.add_argument("--alpha-unit", default="mean", choices=("mean", "raw"),
                    help="mean: a feature's mean activation where it fires (needs --store), or the whole "
                         "difference of means; raw: feature activation units, or the norm a difference of means adds")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     p.add_argument("--show", type=int, default=3, help="completions printed steered vs unsteered")
     return p

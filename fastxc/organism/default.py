@@ -36,13 +36,14 @@ def store_dir(cfg: OrganismConfig, tokens: int = DEFAULT_TOKENS) -> Path:
     return fastxc_home() / "stores" / f"organism-{cfg.key()}-s{STORE_VERSION}-t{tokens}"
 
 
-def write_store_corpus(folder: Path, seed: int, tokens: int, slip_rate: float) -> list[str]:
+def write_store_corpus(folder: Path, seed: int, tokens: int, slip_rate: float, stream: str = "store") -> list[str]:
     """Fresh traces and general documents for harvesting; returns harvest dataset specs.
 
-    Drawn from their own RNG stream (not the training corpus), with enough of each kind for
-    ``tokens`` at ``TRACE_MIX`` (traces average ~50 tokens, general documents ~18).
+    Drawn from their own RNG stream ``stream`` (not the training corpus; the held-out store has
+    another), with enough of each kind for ``tokens`` at ``TRACE_MIX`` (traces average ~50
+    tokens, general documents ~18).
     """
-    rng = random.Random(f"store-{seed}")
+    rng = random.Random(f"{stream}-{seed}")
     folder.mkdir(parents=True, exist_ok=True)
     n_traces = int(tokens * TRACE_MIX) // 35 + 100
     n_general = int(tokens * (1 - TRACE_MIX)) // 12 + 100
@@ -78,6 +79,35 @@ def default_store(seed: int = 0, progress: bool = True, tokens: int = DEFAULT_TO
     org = load_organism(cfg, progress=progress)
     specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate)
     # The corpus is rewritten identically (seeded), so an interrupted harvest resumes.
+    with _quiet_threads(None):
+        harvest([str(org.base), str(org.distilled)], store, specs, tokens,
+                context_length=CONTEXT_LENGTH, batch_size=64, seed=cfg.seed, progress=progress,
+                source_names=["base", "distilled"])
+    return store
+
+
+HELDOUT_TOKENS = 20_000
+
+
+def heldout_store(seed: int = 0, progress: bool = True, tokens: int = HELDOUT_TOKENS) -> Path:
+    """A held-out store for the default store's crosscoders: the same mix and harvest settings,
+    texts from another RNG stream (none of the default store's documents), built if missing.
+    For held-out FVU: ``fastxc eval --eval-store``."""
+    from fastxc.data.harvest import harvest
+    from fastxc.data.store import MANIFEST
+
+    cfg = OrganismConfig(seed=seed)
+    root = fastxc_home() / "stores" / f"organism-{cfg.key()}-s{STORE_VERSION}-heldout-t{tokens}"
+    store = root / "store"
+    if (store / MANIFEST).is_file():
+        return store
+    if not numerics.is_pinned():
+        run_pinned(["-c", "import sys; from fastxc.organism.default import heldout_store; "
+                          "heldout_store(int(sys.argv[1]), sys.argv[2] == '1', int(sys.argv[3]))",
+                    str(seed), "1" if progress else "0", str(tokens)])
+        return store
+    org = load_organism(cfg, progress=progress)
+    specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate, stream="heldout-store")
     with _quiet_threads(None):
         harvest([str(org.base), str(org.distilled)], store, specs, tokens,
                 context_length=CONTEXT_LENGTH, batch_size=64, seed=cfg.seed, progress=progress,
