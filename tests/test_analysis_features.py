@@ -282,6 +282,45 @@ def test_diff_means_direction(world):
     torch.testing.assert_close(d, (x[mask].mean(0) - x[~mask].mean(0)).float(), rtol=1e-5, atol=1e-6)
 
 
+def test_random_controls_match_the_direction_norm_and_are_seeded():
+    from fastxc.analysis.steer import control_summary, random_directions
+
+    d = torch.randn(48) * 3
+    vs = random_directions(d, 3, seed=1)
+    assert len(vs) == 3 and all(abs(float(v.norm() / d.norm()) - 1) < 1e-6 for v in vs)
+    assert all(abs(float(torch.nn.functional.cosine_similarity(v, d, dim=0))) < 0.6 for v in vs)
+    assert all(torch.equal(a, b) for a, b in zip(vs, random_directions(d, 3, seed=1)))
+    assert not torch.equal(vs[0], random_directions(d, 1, seed=2)[0])
+    sweep = [{"multiple": 0.0, "rate": {"w": 0.01}}, {"multiple": 2.0, "rate": {"w": 0.06}}]
+    ctl = [[{"rate": {"w": 0.01}}, {"rate": {"w": 0.02}}], [{"rate": {"w": 0.01}}, {"rate": {"w": 0.0}}]]
+    rows = control_summary(sweep, ctl)
+    assert rows[1]["controls_rate"]["w"] == pytest.approx(0.01) and rows[1]["over_controls"]["w"] == pytest.approx(6.0)
+    assert control_summary(sweep, [[{"rate": {"w": 0.0}}, {"rate": {"w": 0.0}}]])[1]["over_controls"]["w"] is None
+
+
+def test_steer_cli_random_controls(world, tmp_path, capsys):
+    """--random-controls N steers with N matched-norm random directions at the same alphas and
+    reports the direction's marker rate over theirs (the seed-003 experiment's controls)."""
+    from fastxc.analysis.steer import main
+
+    cc = random_crosscoder([WIDTH, WIDTH], scales=world["reader"].scales).save(tmp_path / "cc")
+    (tmp_path / "p.txt").write_text("he is\nso we add\n")
+    rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
+               "--diff-means", "self-reflection", "--multiples", "0,2", "--max-new-tokens", "3",
+               "--random-controls", "2", "--out", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "o" / "steer.json").read_text())
+    ctl = res["controls"]
+    assert ctl["n"] == 2 and len(ctl["sweeps"]) == 2
+    assert [r["multiple"] for r in ctl["summary"]] == [0.0, 2.0]
+    assert [[r["alpha"] for r in sw] for sw in ctl["sweeps"]] == [[r["alpha"] for r in res["sweep"]]] * 2
+    # multiple 0 adds nothing: the controls' unsteered run is the direction's, token for token
+    assert all(sw[0]["rate"] == res["sweep"][0]["rate"] for sw in ctl["sweeps"])
+    assert "random directions of the same norm" in capsys.readouterr().out
+    assert main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
+                 "--diff-means", "self-reflection", "--random-controls", "-1"]) == 2
+
+
 def test_steer_cli(world, tmp_path, capsys):
     from fastxc.analysis.steer import main
 

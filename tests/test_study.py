@@ -57,6 +57,23 @@ def test_acceptance_checks_each_threshold_at_its_boundary():
     assert got["steering"] is None and got["ablation"] is None and got["wait_feature"] is True
 
 
+def test_seed003_check():
+    from fastxc.study.run import seed003_holds
+
+    def side(rows):
+        return {"summary": [{"multiple": m, "wait_rate": w, "controls_wait_rate": c,
+                             "over_controls": (w / c if c else None)} for m, w, c in rows]}
+
+    dist = side([(0, 0.01, 0.01), (2, 0.04, 0.02)])  # 2x the random directions at 2x
+    base_flat = side([(0, 0.0, 0.0), (2, 0.0, 0.0)])
+    assert seed003_holds({"distilled": dist, "base": base_flat}) is True
+    assert seed003_holds({"distilled": side([(0, 0.01, 0.01), (2, 0.039, 0.02)]), "base": base_flat}) is False
+    # raising "Wait" in base more than a random push does: not the seed-003 result
+    assert seed003_holds({"distilled": dist, "base": side([(0, 0.0, 0.0), (2, 0.01, 0.002)])}) is False
+    assert seed003_holds({"distilled": side([(0, 0.01, 0.01), (8, 0.1, 0.01)]), "base": side([(8, 0, 0)])}) is False
+    assert seed003_holds({"distilled": {"error": "error: the difference of means ... is zero"}, "base": base_flat}) is None
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--crosscoder-seeds", "a,b"], "expected comma-separated integers"),
     (["--crosscoder-seeds", "1,1"], "expected distinct seeds"),
@@ -105,7 +122,7 @@ def test_study_on_the_default_organism(tmp_path):
     assert st["crosscoders"]["0"] != st["crosscoders"]["1"]
     for name in ("base", "distilled"):
         r = study["organism"]["eval"][name]
-        assert r["n"] == 50 and r["correct_rate"] is not None
+        assert r["n"] == 50 and r["correct_rate"] is not None and 0 <= r["p_wait_after_slip"] <= 1
     for seed, run in study["runs"].items():
         assert set(run) >= {"eval", "diff", "reasoning", "ablate", "steer", "wait_feature", "acceptance"}
         assert run["acceptance"]["ablation"] is True, (seed, run["ablate"]["delta"])
@@ -121,6 +138,8 @@ def test_study_on_the_default_organism(tmp_path):
     assert relu["flags"] == ["--activation", "relu"] and sum(relu["diff"]["nrn_histogram_20"]) > 0
     assert (out / "nrn_topk_vs_relu.png").stat().st_size > 1000
     assert study["acceptance"]["holds"]["ablation"] == 2
+    s3 = study["seed003"]  # ran (a summary with controls) or says why not, for both models
+    assert all(("summary" in s3[m] and len(s3[m]["summary"]) == 4) or "error" in s3[m] for m in ("distilled", "base"))
 
     # a second call finds every stage's output and reuses it: the same numbers
     assert main(argv) == 0

@@ -264,12 +264,39 @@ def steer_sweep(model, tokenizer, prompts: Sequence[str], layer: int, direction:
     return res
 
 
+def random_directions(like: torch.Tensor, n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` Gaussian directions with the norm of ``like`` [d] (the controls of a steering
+    direction: the same norm added, no particular direction), seeded."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    norm = like.float().norm()
+    out = []
+    for _ in range(n):
+        v = torch.randn(like.numel(), generator=g)
+        out.append((v * (norm / v.norm())).to(like.dtype))
+    return out
+
+
+def control_summary(sweep: Sequence[dict], controls: Sequence[Sequence[dict]]) -> list[dict]:
+    """Per multiple: each category's marker rate with the direction, the mean over the random
+    controls, and the direction's rate over that mean (None where the controls' mean is 0)."""
+    out = []
+    for i, r in enumerate(sweep):
+        row = {"multiple": r["multiple"], "rate": dict(r["rate"]), "controls_rate": {}, "over_controls": {}}
+        for name, v in r["rate"].items():
+            mean = sum(c[i]["rate"][name] for c in controls) / len(controls)
+            row["controls_rate"][name] = mean
+            row["over_controls"][name] = v / mean if mean > 0 else None
+        out.append(row)
+    return out
+
+
 COLORS = ("#4477aa", "#cc3311", "#228833", "#aa3377", "#ee7733", "#66ccee", "#bbbbbb")
 
 
-def sweep_figure(sweep: Sequence[dict], xlabel: str = "multiple of the steering unit"):
-    """Marker rates (tokens solid, text occurrences dashed), thinking length and coherence
-    against the multiple of the unit. Returns the Figure."""
+def sweep_figure(sweep: Sequence[dict], xlabel: str = "multiple of the steering unit",
+                 controls: Sequence[Sequence[dict]] = ()):
+    """Marker rates (tokens solid, text occurrences dashed; the random controls' mean dotted),
+    thinking length and coherence against the multiple of the unit. Returns the Figure."""
     from fastxc.analysis.inputs import pyplot
 
     plt = pyplot()
@@ -279,6 +306,9 @@ def sweep_figure(sweep: Sequence[dict], xlabel: str = "multiple of the steering 
         ax1.plot(x, [r["rate"][name] for r in sweep], marker="o", color=col, label=f"{name} (tokens)")
         ax1.plot(x, [r["text_rate"][name] for r in sweep], marker="x", ls="--", lw=0.8, color=col,
                  label=f"{name} (text)")
+        if controls:
+            ax1.plot(x, [sum(c[i]["rate"][name] for c in controls) / len(controls) for i in range(len(x))],
+                     ls=":", lw=1.2, color=col, label=f"{name}, {len(controls)} random directions (mean)")
     ax1.set_ylabel("markers per generated token")
     ax1.legend(fontsize=6)
     ax2.plot(x, [r["mean_think_tokens"] for r in sweep], marker="o", color="#cc3311", label="mean thinking length")
@@ -300,11 +330,11 @@ def sweep_figure(sweep: Sequence[dict], xlabel: str = "multiple of the steering 
 
 
 def plot_sweep(sweep: Sequence[dict], path: Path, title: str = "",
-               xlabel: str = "multiple of the steering unit") -> Path:
+               xlabel: str = "multiple of the steering unit", controls: Sequence[Sequence[dict]] = ()) -> Path:
     """``sweep_figure`` saved as PNG."""
     from fastxc.analysis.inputs import savefig
 
-    return savefig(sweep_figure(sweep, xlabel), path, title, title_size=9)
+    return savefig(sweep_figure(sweep, xlabel, controls), path, title, title_size=9)
 
 
 def read_answers(path: str | Path, field: str, limit: int) -> tuple[list[str] | None, str]:
@@ -402,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "difference of means; raw: feature activation units, or the norm a difference of means adds")
     p.add_argument("--max-new-tokens", type=int, default=160, help="tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    p.add_argument("--random-controls", type=int, default=0, metavar="N",
+                   help="also steer with N random directions of the same norm at the same strengths "
+                        "(controls: is it the direction, or any push of that size?)")
     p.add_argument("--show", type=int, default=3, help="completions printed steered vs unsteered")
     return p
 
@@ -423,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise AnalysisError("--multiples: no steering strength given")
         if bool(feats or auto) == bool(args.diff_means):
             raise AnalysisError("give exactly one of --feature or --diff-means")
+        if args.random_controls < 0:
+            raise AnalysisError(f"--random-controls must be >= 0, got {args.random_controls}")
         inp = inputs_from_args(args)
         cc = inp.crosscoder
         target = 0 if args.steer == "a" else 1
@@ -437,12 +472,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = steer_sweep(models[target], tok, prompts, inp.layer, direction, multiples, cats, unit=unit,
                             answers=answers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             seed=args.seed)
+        controls = []
+        for i, v in enumerate(random_directions(direction, args.random_controls, seed=args.seed)):
+            ctl = steer_sweep(models[target], tok, prompts, inp.layer, v, multiples, cats, unit=unit,
+                              answers=answers, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, seed=args.seed)
+            controls.append([{k: val for k, val in r.items() if k != "samples"} for r in ctl])
         out = out_dir(args, "runs/fastxc-steer")
         res = {"direction": desc, "steered_model": inp.model_names[target], "layer": inp.layer,
                "unit": {"value": unit, "label": unit_label}, "multiples": multiples,
                "alphas": [r["alpha"] for r in sweep], "correctness": judged, "sweep": sweep}
+        if controls:
+            res["controls"] = {"n": len(controls), "norm": float(direction.float().norm()),
+                               "summary": control_summary(sweep, controls), "sweeps": controls}
         write_json(out / "steer.json", res)
-        plot_sweep(sweep, out / "steer.png", f"steering {cc.source_names[target]} with {desc}", unit_label)
+        plot_sweep(sweep, out / "steer.png", f"steering {cc.source_names[target]} with {desc}", unit_label,
+                   controls=controls)
         print(f"unit: {unit_label}; correctness {judged}")
         base = next((r for r in sweep if r["multiple"] == 0), None)
         for r in sweep:
@@ -451,6 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"x{r['multiple']:<5g} (alpha {r['alpha']:8.3f}): think {r['mean_think_tokens']:6.1f} tok, "
                   f"closed {c['closed']:.2f}, answered {c['answered']:.2f}, correct {correct}; "
                   + ", ".join(f"{k} {v:.4f}/tok ({r['text_rate'][k]:.4f} in text)" for k, v in r["rate"].items()))
+        if controls:
+            for row in res["controls"]["summary"]:
+                print(f"x{row['multiple']:<5g} vs {len(controls)} random directions of the same norm: "
+                      + ", ".join(f"{k} {row['controls_rate'][k]:.4f}/tok"
+                                  + (f" ({row['over_controls'][k]:.1f}x)" if row["over_controls"][k] else "")
+                                  for k in row["rate"]))
         strongest = sweep[-1]
         for j in range(min(args.show, len(prompts))):
             print(f"\n--- prompt: {prompts[j]}")

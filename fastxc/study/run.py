@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from fastxc.organism.build import file_sha256
+
 # The study's acceptance (issue 14), evaluated per crosscoder run (study.json "acceptance"):
 ACCEPTANCE = {
     "ablation": 'ablating the NRN > 0.5 features active before "Wait" drops distilled\'s "Wait" '
@@ -32,6 +34,9 @@ STEER_MAX_MULTIPLE = 4.0
 STEER_RATE_RATIO = 3.0
 STEER_MIN_CLOSED = 0.5
 WAIT_CATEGORY = "self-reflection"
+SEED003_MULTIPLES = "0,1,2,4"  # the seed-003 experiment: multiples of base's difference of means
+SEED003_CONTROLS = 3  # matched-norm random directions per steered model
+SEED003_RATIO = 2.0
 RELU_FLAGS = ("--activation", "relu")  # the seed study's crosscoder: ReLU + decoder-norm-weighted L1
 NRN_SET = "nrn>0.5"
 
@@ -50,17 +55,10 @@ class StudyConfig:
     progress: bool = True
     analyses: tuple[str, ...] = ("eval", "diff", "reasoning", "ablate", "steer")
     compare_relu: bool = True  # also the seed study's ReLU + decoder-norm L1 crosscoder (first seed)
+    seed003: bool = True  # base's difference-of-means direction steering both models, with controls
 
 
 # ------------------------------------------------------------------------------ hashes
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tree_sha256(folder: str | Path) -> str:
     """One sha256 over every file under ``folder``: relative path and content, in path order.
 
@@ -104,7 +102,7 @@ def _organism_eval(cfg: StudyConfig, org, out: Path) -> dict:
     if path.is_file():
         return _read(path)
     from fastxc.analysis.inputs import write_json
-    from fastxc.organism.evaluate import heldout_answers, heldout_questions, marker_report, sample
+    from fastxc.organism.evaluate import heldout_answers, heldout_questions, marker_report, sample, wait_detection
 
     qs, answers = heldout_questions(org, cfg.n_questions), heldout_answers(org, cfg.n_questions)
     res = {"n_questions": len(qs), "max_new_tokens": cfg.max_new_tokens, "temperature": 0.7}
@@ -112,6 +110,12 @@ def _organism_eval(cfg: StudyConfig, org, out: Path) -> dict:
         r = marker_report(sample(getattr(org, name), qs, seed=cfg.organism_seed,
                                  max_new_tokens=cfg.max_new_tokens), answers=answers)
         res[name] = dataclasses.asdict(r)
+    # teacher-forced on the held-out traces: P("Wait") after a slipped step vs a correct one
+    with open(org.root / "corpus" / "heldout_traces.jsonl") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    for name in ("base", "distilled"):
+        after_slip, after_correct = wait_detection(getattr(org, name), texts)
+        res[name]["p_wait_after_slip"], res[name]["p_wait_after_correct"] = after_slip, after_correct
     write_json(path, res)
     return res
 
@@ -225,6 +229,56 @@ def plot_nrn_comparison(hists: dict[str, list[int]], path: Path) -> None:
     savefig(fig, path, title="NRN histograms: TopK vs ReLU + L1 (spikes at 0 and 1: L1 artefacts?)")
 
 
+def _seed003(cfg: StudyConfig, cc: Path, store: Path, questions: Path, out: Path) -> dict:
+    """Seed 003's experiment: base's difference-of-means direction before "Wait" (base's
+    activations, no crosscoder feature) added to distilled and to base, each beside
+    ``SEED003_CONTROLS`` random directions of the same norm. Returns per model the rows of
+    ``steer``'s control summary, or the error that stopped it (e.g. an empty direction)."""
+    import contextlib
+    import io
+
+    from fastxc.analysis import steer
+
+    res: dict = {"direction": f"difference of means before {WAIT_CATEGORY} markers in base",
+                 "multiples": SEED003_MULTIPLES, "controls": SEED003_CONTROLS}
+    for model in ("b", "a"):  # distilled, then base
+        name = "distilled" if model == "b" else "base"
+        dest = out / f"steer-{name}"
+        if not (dest / "steer.json").is_file():
+            err = io.StringIO()
+            argv = ["--crosscoder", str(cc), "--store", str(store), "--prompts", str(questions),
+                    "--suffix", " <think>", "--diff-means", WAIT_CATEGORY, "--direction-from", "a",
+                    "--steer", model, "--multiples", SEED003_MULTIPLES, "--random-controls", str(SEED003_CONTROLS),
+                    "--max-new-tokens", str(cfg.max_new_tokens), "--out", str(dest)]
+            with contextlib.redirect_stderr(err):
+                rc = steer.main(argv)
+            if rc:
+                res[name] = {"error": err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit {rc}"}
+                _say(f"  seed 003, steering {name}: {res[name]['error']}")
+                continue
+        got = _read(dest / "steer.json")
+        res[name] = {"unit": got["unit"], "summary": [
+            {"multiple": r["multiple"], "wait_rate": r["rate"][WAIT_CATEGORY],
+             "controls_wait_rate": r["controls_rate"][WAIT_CATEGORY],
+             "over_controls": r["over_controls"][WAIT_CATEGORY]} for r in got["controls"]["summary"]]}
+    return res
+
+
+def seed003_holds(res: dict) -> bool | None:
+    """Base's direction raises "Wait" in distilled >= SEED003_RATIO x more than the random
+    directions do at some multiple <= 4, while in base at that multiple it raises it no more than
+    they do (None: the experiment could not run)."""
+    if "summary" not in res.get("distilled", {}) or "summary" not in res.get("base", {}):
+        return None
+    base = {r["multiple"]: r for r in res["base"]["summary"]}
+    for r in res["distilled"]["summary"]:
+        b = base.get(r["multiple"])
+        if 0 < r["multiple"] <= STEER_MAX_MULTIPLE and b is not None and r["over_controls"] is not None \
+                and r["over_controls"] >= SEED003_RATIO and b["wait_rate"] <= b["controls_wait_rate"]:
+            return True
+    return False
+
+
 def acceptance(fig: dict) -> dict[str, bool | None]:
     """The study's yes/no checks (``ACCEPTANCE``) for one crosscoder run (None: not measured)."""
     out: dict[str, bool | None] = dict.fromkeys(ACCEPTANCE)
@@ -300,6 +354,12 @@ def run_study(cfg: StudyConfig, argv: Sequence[str] | None = None) -> dict:
                             out / "nrn_topk_vs_relu.png")
     geometry = _read(first / "analysis" / "geometry" / "geometry.json")
 
+    seed003 = None
+    if cfg.seed003:
+        _say("seed 003: base's difference of means before \"Wait\", steering distilled and base, with controls")
+        seed003 = _seed003(cfg, first / "crosscoder", store, questions, out / "seed003")
+        seed003["holds"] = seed003_holds(seed003)
+
     stab = None
     if len(cfg.crosscoder_seeds) > 1:
         labels = [f"seed{s}" for s in cfg.crosscoder_seeds]
@@ -327,6 +387,7 @@ def run_study(cfg: StudyConfig, argv: Sequence[str] | None = None) -> dict:
         "geometry": geometry,
         "stability": stab,
         "relu_l1": relu,
+        "seed003": seed003,
         "acceptance": {"checks": ACCEPTANCE,
                        "holds": {k: sum(bool(r["acceptance"][k]) for r in runs.values()) for k in ACCEPTANCE},
                        "runs": len(runs)},
@@ -346,7 +407,9 @@ def summary_lines_study(study: dict) -> list[str]:
     for name in ("base", "distilled"):
         r = oe[name]
         lines.append(f"organism {name}: {1000 * r['marker_rate']:.1f} markers per 1k tokens, </think> "
-                     f"closed {100 * r['close_rate']:.0f}%, correct {100 * (r['correct_rate'] or 0):.0f}%")
+                     f"closed {100 * r['close_rate']:.0f}%, correct {100 * (r['correct_rate'] or 0):.0f}%; "
+                     f"P(Wait) after a slip {r['p_wait_after_slip']:.3g}, after a correct step "
+                     f"{r['p_wait_after_correct']:.3g}")
     for seed, r in study["runs"].items():
         w = r["wait_feature"]
         line = (f"crosscoder seed {seed}: pre-Wait feature #{w['feature']} fires {100 * w['fire_rate']:.1f}%, "
@@ -363,4 +426,15 @@ def summary_lines_study(study: dict) -> list[str]:
                 for row in r["steer"]["rows"] if row["ratio"] is not None))
         lines.append("  acceptance: " + ", ".join(f"{k} {'yes' if v else 'no' if v is not None else '-'}"
                                                  for k, v in r["acceptance"].items()))
+    s3 = study.get("seed003")
+    if s3:
+        for name in ("distilled", "base"):
+            r = s3.get(name, {})
+            if "error" in r:
+                lines.append(f"seed 003, {name}: {r['error']}")
+            elif "summary" in r:
+                lines.append(f"seed 003, {name}: " + ", ".join(
+                    f"x{row['multiple']:g} {row['wait_rate']:.4f} vs {row['controls_wait_rate']:.4f}/tok"
+                    for row in r["summary"]))
+        lines.append(f"seed 003 holds: {s3.get('holds')}")
     return lines
