@@ -24,6 +24,7 @@ ALLOWED = {
     "export": set(),
     "store": set(),
     "organism": {"train", "analysis", "data", "core", "kernels", "_C"},
+    "study": {"organism", "train", "analysis", "data", "core", "kernels", "_C"},
 }
 # the top: the command line (fastxc/cli.py and every ``python -m`` entry, __main__.py) and the
 # package's own __init__ may import any layer
