@@ -188,7 +188,8 @@ def test_sweep_with_config_or_without_data_is_refused(tmp_path, store, capsys):
     sweep = tmp_path / "nodata.yaml"
     sweep.write_text(yaml.safe_dump({**SHARED, "runs": RUNS}))
     code, err = _run(capsys, ["--sweep", str(sweep), "--out", str(tmp_path / "o")])
-    assert code == 2 and err == [f"error: sweep file {sweep}: give the data: store: DIR (or source: synthetic)"], err
+    assert code == 2 and err == [f"error: sweep file {sweep}: give the data: store: DIR, the models (model_a, model_b, "
+                                 "dataset) or source: synthetic"], err
     (tmp_path / "c.json").write_text("{}")
     code, err = _run(capsys, ["--sweep", str(_sweep_file(tmp_path, store)), "--config", str(tmp_path / "c.json"),
                               "--out", str(tmp_path / "o")])

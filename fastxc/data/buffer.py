@@ -31,6 +31,7 @@ consumer trains, so forwards and training overlap; it also feeds ``--save-store`
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import queue
@@ -351,6 +352,14 @@ class OnTheFlySource:
 
     def share(self, i: int) -> bool:
         return i % self.world == self.rank
+
+    def whole(self) -> "OnTheFlySource":
+        """A view of the same loaded models (and lock) as a world of one: its streams hold every
+        model batch, so a data-parallel rank's evaluation reads what one process would. Close
+        the source, not the view."""
+        view = copy.copy(self)
+        view.rank, view.world = 0, 1
+        return view
 
     def queue_items(self, rows: int) -> int:
         """Model batches queued ahead: enough for half a buffer of rows (a refill) plus two."""

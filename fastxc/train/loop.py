@@ -107,12 +107,14 @@ def _open_models(cfg: TrainConfig, want: list[int] | None, ctx: DistContext | No
 def _eval_stream(cfg: TrainConfig, src):
     """``batches(batch_size, seed, start)`` of an on-the-fly source for the evaluation: a fresh
     stream from the start of the data (with the training stream's scales), as a store's
-    evaluation reads the store in another order; a buffer of just the batches it needs."""
+    evaluation reads the store in another order; a buffer of just the batches it needs. Every
+    model batch, also on a data-parallel rank (which trained on its share): the evaluation of
+    one process on the same data."""
 
     def batches(batch_size: int, seed: int, start: int = 0):
-        rows = max(batch_size, min(cfg.buffer_rows, cfg.eval_batches * batch_size, src.tokens))
-        it = src.stream(batch_size, seed, buffer_rows=rows, tokens=(start + cfg.eval_batches) * batch_size,
-                        scales=src.scales)
+        rows = max(batch_size, min(cfg.buffer_rows, cfg.eval_batches * batch_size, cfg.harvest_tokens()))
+        it = src.whole().stream(batch_size, seed, buffer_rows=rows, tokens=(start + cfg.eval_batches) * batch_size,
+                                scales=src.scales)
         for _ in range(start):
             next(it)
         return it
@@ -149,6 +151,7 @@ def _start_stream(run: "_Run", ckpt: Path | None) -> None:
     state = _data_state(ckpt, run.ctx)
     if state is not None and state[0]["position"] >= cfg.steps and run.sink is None:
         src.scales = state[0]["scales"]  # a finished run: it only evaluates
+        run.data_state = state  # and its final checkpoint, written again, keeps the position
         return
     world = src.world
     B = cfg.batch_size // world
@@ -226,6 +229,7 @@ class _Run:
     diverged: int = 0  # consecutive diverged batches just before this step (never in a checkpoint)
     stream: Any = None  # training straight from the models: the BufferedBatches it trains from
     sink: Any = None  # --save-store: the StoreSink the harvested rows go to
+    data_state: Any = None  # a finished run resumed with no stream: its checkpoint's data position
 
     @property
     def is_main(self) -> bool:
@@ -237,6 +241,8 @@ class _Run:
               "config": dataclasses.asdict(self.cfg)}
         if self.stream is not None:  # the data position: rebuilt on resume (checkpoint.save writes the tensors)
             st["data"], st["_data_tensors"] = self.stream.state()
+        elif self.data_state is not None:
+            st["data"], st["_data_tensors"] = self.data_state
         return st
 
 
@@ -560,18 +566,23 @@ def _finish(run: _Run) -> TrainResult:
     checkpoint.save(run.out, run.model, run.opt, run.ctx, run.state())
     _close_stream(run, run.data)  # --save-store: the store is finished here
     model = checkpoint.full_model(run.model, run.ctx, run.out / "checkpoint")  # None on ranks other than 0
-    summary: dict = {}
-    if model is not None:
-        checkpoint.save_model(run.out, model)
-        summary = evaluate(model, run.data, run.cfg)
-        summary.update(steps=run.step, skipped_batches=run.skipped)
-        _write_json(run.out / "summary.json", {k: v for k, v in summary.items() if not k.startswith("_")})
-        if run.backends is not None and "_nrn" in summary:
-            run.backends.histogram("nrn", summary["_nrn"], run.step)
+    summary = _conclude(run, model) if model is not None else {}
     if run.data.models is not None:
         run.data.models.close()
     parallel.shutdown(run.ctx)
     return TrainResult(model, run.out, summary)
+
+
+def _conclude(run: _Run, model: Crosscoder) -> dict:
+    """Rank 0, after the final checkpoint: save the whole ``model`` to crosscoder/, evaluate it,
+    write summary.json (and the NRN histogram to the --log backends); returns the summary."""
+    checkpoint.save_model(run.out, model)
+    summary = evaluate(model, run.data, run.cfg)
+    summary.update(steps=run.step, skipped_batches=run.skipped)
+    _write_json(run.out / "summary.json", {k: v for k, v in summary.items() if not k.startswith("_")})
+    if run.backends is not None and "_nrn" in summary:
+        run.backends.histogram("nrn", summary["_nrn"], run.step)
+    return summary
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -22,16 +22,23 @@ DATA_OPTIONS decide the batches or how the sweep runs: every run shares them, an
 sets one is an error. --seed is one of them: a single run seeds both its data order and its init
 with it, so a run with its own seed would not match any single run on the same batches.
 
+On the fly (``model_a``, ``model_b``, ``dataset``, ... at the top: fastxc.data.buffer): the models
+run once, into one shuffle buffer whose batches every run trains on, and once more for the
+evaluation batches, which every run's final evaluation shares. Each run's checkpoint records
+the buffer's position (the same at the same step), and ``save_store`` writes one store.
+
 Resume (--resume): each run continues from its own checkpoint, as a single run would. The runs
 checkpoint at the same steps, one after another, so a kill in between leaves some runs one
-checkpoint ahead: the batches are read again from the earliest run's step, and each run trains
-only on the batches past its own step (batch i depends on (seed, i) only). A run without a
-checkpoint starts from step 0; --resume with no checkpoint in any run is an error.
+checkpoint ahead: the batches are read again from the earliest run's step (on the fly: the
+buffer rebuilt from that run's checkpoint, or a fresh stream when some run has none), and each
+run trains only on the batches past its own step (batch i depends on (seed, i) only). A run
+without a checkpoint starts from step 0; --resume with no checkpoint in any run is an error.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -47,9 +54,13 @@ from fastxc.train.config import TrainConfig, TrainError, read_mapping
 
 # The fields every run of a sweep shares: what decides the batches (source, order, count, the
 # evaluation batches, which batches count as bad), the steps all runs checkpoint at, and how and
-# where the sweep runs.
+# where the sweep runs. On the fly, every harvest setting decides the batches too (and the one
+# --save-store store).
 DATA_OPTIONS = frozenset({
     "store", "source", "widths", "synthetic_shared", "synthetic_unique", "synthetic_noise", "verify_store",
+    "model_a", "model_b", "model", "layer", "layers", "dataset", "text_field", "skip_bad_lines", "tokens",
+    "buffer_rows", "context_length", "harvest_batch_size", "model_dtype", "outlier_factor", "shuffle_buffer",
+    "ignore_special_tokens", "save_store", "store_dtype", "shard_tokens",
     "batch_size", "seed", "steps", "eval_batches", "max_bad_batches", "checkpoint_every",
     "out", "resume", "resume_if_exists", "overwrite", "device", "parallel", "progress", "log",
 })
@@ -89,17 +100,17 @@ def sweep_from_flags(args: dict) -> Sweep:
     base = TrainConfig(**top)
     if base.parallel != "none":
         raise TrainError("--sweep trains every run in one process; --parallel data|features does not run with it")
-    if base.on_the_fly or base.dataset:
-        raise TrainError("--sweep trains from a store or the synthetic source; training straight from the models "
-                         "(--model-a, --model-b, --model, --dataset) does not run under --sweep yet")
-    if base.store is None and base.source in (None, "default"):
-        raise TrainError(f"sweep file {path}: give the data: store: DIR (or source: synthetic)")
+    if base.store is None and base.source in (None, "default") and not base.on_the_fly:
+        raise TrainError(f"sweep file {path}: give the data: store: DIR, the models (model_a, model_b, dataset) "
+                         "or source: synthetic")
     if "wandb" in base.log_backends():
         raise TrainError("--log wandb does not run under --sweep (one wandb run per process); use --log tensorboard")
     if base.out is None:
         if base.resume:
             raise TrainError("--resume needs --out: the sweep folder to continue")
         base.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if base.save_store is not None and Path(base.save_store).resolve() == Path(base.out).resolve():
+        raise TrainError("--save-store must be another folder than the sweep's --out")
     members: dict[str, TrainConfig] = {}
     folders: dict[str, str] = {}  # casefolded name -> name: one folder on case-insensitive disks
     for i, run in enumerate(runs, 1):
@@ -183,42 +194,48 @@ class _Rngs:
 def train_sweep(sweep: Sweep) -> dict[str, loop.TrainResult]:
     """Train every run of ``sweep`` from one stream of batches; returns name -> TrainResult.
 
-    Every run's folder is checked, and the data opened (and --verify-store'd), before anything
-    is written."""
+    Every run's folder is checked, and the data opened (and --verify-store'd; on the fly the
+    models loaded and the --save-store folder checked), before anything else is written."""
     base = sweep.base
     device = resolve_device(base.device)
     loggers.check_available(base)
     checked = {name: loop._check_out(cfg) for name, cfg in sweep.runs.items()}
-    if base.resume and not any(checkpoint.find_checkpoint(out) for out, _ in checked.values()):
+    resuming = base.resume or base.resume_if_exists
+    ckpts = {name: checkpoint.find_checkpoint(out) if resuming else None for name, (out, _) in checked.items()}
+    if base.resume and not any(ckpts.values()):
         raise TrainError(f"--resume: no checkpoint in any run of {base.out} to continue "
                          "(--resume-if-exists starts fresh when there is none)")
-    data = loop.open_data(base)  # the runs share every field open_data reads
-    Path(base.out).mkdir(parents=True, exist_ok=True)
-    loop._write_json(Path(base.out) / "sweep.json", {"runs": {n: dataclasses.asdict(c) for n, c in sweep.runs.items()}})
-    rngs, runs = _Rngs(), {}
-    for name, cfg in sweep.runs.items():
-        with _named(name):
-            out = loop._make_out(cfg, *checked[name])
-            torch.manual_seed(cfg.seed)  # the init a single run of cfg draws
-            model = loop._build_model(cfg, data, device)
-            run = loop._Run(cfg, None, device, data, out, model, loop._make_optimizer(model, cfg))
-            loop._restore(run)
-            rngs.keep(name)
-            runs[name] = run
-    print(f"fastxc: a sweep of {len(runs)} crosscoders on {data.description}, into {base.out}/: "
-          + ", ".join(f"{n} ({_describe(r.cfg)})" for n, r in runs.items()), file=sys.stderr)
-    names = data.source_names or [str(i) for i in range(len(data.widths))]
+    data = loop.open_data(base, None, device)  # the runs share every field open_data reads
+    feed = loop._Run(base, None, device, data, Path(base.out), None, None)  # on the fly: the shared stream and store
+    runs: dict[str, loop._Run] = {}
     try:
+        if data.models is not None:
+            _start_stream(feed, ckpts)
+            data = feed.data = data._replace(scales=data.models.scales)
+        Path(base.out).mkdir(parents=True, exist_ok=True)
+        loop._write_json(Path(base.out) / "sweep.json", {"runs": {n: dataclasses.asdict(c) for n, c in sweep.runs.items()}})
+        rngs = _Rngs()
+        for name, cfg in sweep.runs.items():
+            with _named(name):
+                out = loop._make_out(cfg, *checked[name])
+                torch.manual_seed(cfg.seed)  # the init a single run of cfg draws
+                model = loop._build_model(cfg, data, device)
+                # each run's checkpoints record the shared buffer's position
+                run = loop._Run(cfg, None, device, data, out, model, loop._make_optimizer(model, cfg),
+                                stream=feed.stream, data_state=feed.data_state)
+                loop._restore(run)
+                rngs.keep(name)
+                runs[name] = run
+        print(f"fastxc: a sweep of {len(runs)} crosscoders on {data.description}, into {base.out}/: "
+              + ", ".join(f"{n} ({_describe(r.cfg)})" for n, r in runs.items()), file=sys.stderr)
+        names = data.source_names or [str(i) for i in range(len(data.widths))]
         for run in runs.values():
             run.backends = loggers.MetricLoggers(run.cfg, run.out, run.step, names)
-        _run_steps(base, runs, rngs, device)
-        results = {}
-        for name, run in runs.items():
-            with _named(name), rngs.of(name):
-                results[name] = loop._finish(run)
-        return results
-    except OSError as e:  # metrics.jsonl, summary.json (checkpoints and the models raise TrainError themselves)
-        if checkpoint.is_disk_full(e):
+        _run_steps(base, runs, rngs, device, feed)
+        return _finish(runs, rngs, feed)
+    except BaseException as e:
+        loop._close_stream(feed, data, e)
+        if isinstance(e, OSError) and checkpoint.is_disk_full(e):  # metrics.jsonl, summary.json
             raise TrainError(f"disk full while writing the sweep's files in {base.out}; free space and rerun with --resume") from e
         raise
     finally:
@@ -227,16 +244,76 @@ def train_sweep(sweep: Sweep) -> dict[str, loop.TrainResult]:
                 run.backends.close()
 
 
+def _start_stream(feed: loop._Run, ckpts: dict[str, Path | None]) -> None:
+    """On the fly: open the --save-store store and the shared stream, rebuilt at the earliest
+    run's checkpoint (every run's checkpoint at a step holds the same position), or fresh when
+    some run has none (its first fill gives the scales, as a single run's)."""
+    cfg = feed.cfg
+    if cfg.save_store is not None:
+        from fastxc.data.harvest import StoreSink
+
+        feed.sink = StoreSink.open(feed.data.models.plan, cfg.save_store, cfg.overwrite)
+    earliest = None
+    if all(ckpts.values()):
+        steps = {p: json.loads((p / "state.json").read_text())["step"] for p in ckpts.values()}
+        earliest = min(steps, key=steps.get)
+    loop._start_stream(feed, earliest)
+
+
+def _finish(runs: dict[str, loop._Run], rngs: _Rngs, feed: loop._Run) -> dict[str, loop.TrainResult]:
+    """Every run's final checkpoint; the stream closed (--save-store finished); then every run
+    saved and evaluated on the same evaluation batches, drawn once (on the fly: the models run
+    once more for them, not once per run)."""
+    for name, run in runs.items():
+        with _named(name), rngs.of(name):
+            checkpoint.save(run.out, run.model, run.opt, None, run.state())
+    loop._close_stream(feed, feed.data)
+    shared = feed.data._replace(batches=_Replayed(feed.data.batches))
+    results = {}
+    for name, run in runs.items():
+        run.stream, run.data = None, shared
+        with _named(name), rngs.of(name):
+            results[name] = loop.TrainResult(run.model, run.out, loop._conclude(run, run.model))
+    if feed.data.models is not None:
+        feed.data.models.close()
+    return results
+
+
+class _Replayed:
+    """A DataSource's ``batches(batch_size, seed, start)`` whose batches are drawn once per
+    (batch_size, seed, start) and replayed (as copies) to every later caller: every run's
+    final evaluation reads the same batches, and the data (the models) only once."""
+
+    def __init__(self, make):
+        self.make, self.drawn = make, {}
+
+    def __call__(self, batch_size: int, seed: int, start: int = 0):
+        key = (batch_size, seed, start)
+        if key not in self.drawn:
+            self.drawn[key] = ([], self.make(batch_size, seed=seed, start=start))
+        got, it = self.drawn[key]
+        i = 0
+        while True:
+            if i == len(got):
+                got.append(next(it))
+            yield got[i].clone()
+            i += 1
+
+
 def _describe(cfg: TrainConfig) -> str:
     return f"{cfg.activation}, F={cfg.n_features}" + (f", k={cfg.k}" if cfg.activation in ("topk", "batchtopk") else "")
 
 
-def _run_steps(base: TrainConfig, runs: dict[str, loop._Run], rngs: _Rngs, device: torch.device) -> None:
+def _run_steps(base: TrainConfig, runs: dict[str, loop._Run], rngs: _Rngs, device: torch.device,
+               feed: loop._Run) -> None:
     """The steps from the earliest run's up to --steps: each batch read once, then every run
     whose next step it is trains on it (loop._step_on: the single run's step)."""
     start = min(run.step for run in runs.values())
-    data = next(iter(runs.values())).data  # one DataSource, shared by every run
-    batches = data.batches(base.batch_size, seed=base.seed, start=start)
+    data = feed.data  # one DataSource, shared by every run
+    if data.models is not None:  # on the fly: the shared buffer, at the earliest run's step (None: all finished)
+        batches = feed.stream if feed.stream is not None else iter(())
+    else:
+        batches = data.batches(base.batch_size, seed=base.seed, start=start)
     bar = loop._progress(base, start)
     postfix: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
@@ -256,3 +333,5 @@ def _run_steps(base: TrainConfig, runs: dict[str, loop._Run], rngs: _Rngs, devic
                     with _named(name), rngs.of(name):
                         loop._step_on(run, x, *logs[name])
             bar.update(1)
+            if feed.stream is not None:  # tokens harvested beside the steps trained
+                bar.set_description_str(f"sweep [{feed.stream.taken:,} tok harvested]", refresh=False)
