@@ -34,23 +34,10 @@ RESULTS: dict[str, float] = {}
 
 
 def _build(root):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import build_llama_pair
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>"] + sorted(set(WORDS)))}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
-    dirs = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=5504, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-                          pad_token_id=0, bos_token_id=2)
-        d = root / f"m{seed}"
-        LlamaForCausalLM(cfg).save_pretrained(str(d))
-        tok.save_pretrained(str(d))
-        dirs.append(d)
+    dirs, tok = build_llama_pair(root, sorted(set(WORDS)), vocab_size=5504, hidden=256, intermediate=1024,
+                                 layers=8, heads=8, max_positions=512)
     # one document per sequence, exactly CTX - 1 words: every batch is full, no padding
     rng = np.random.default_rng(0)
     ds = root / "data.jsonl"

@@ -281,26 +281,13 @@ WORDS = [f"w{i}" for i in range(1000)]
 
 def _build(root: Path, shape: dict) -> dict:
     """Tokenizer, two random Llama models and a jsonl of random-word documents."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import build_llama_pair
 
     words = WORDS[: shape["vocab"] - 3]
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>")
-    dirs = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        h = shape["hidden"]
-        cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=h, intermediate_size=4 * h,
-                          num_hidden_layers=shape["layers"], num_attention_heads=max(4, h // 64),
-                          num_key_value_heads=max(4, h // 64), max_position_embeddings=2 * shape["context"],
-                          pad_token_id=0, bos_token_id=2)
-        d = root / f"model{seed}"
-        LlamaForCausalLM(cfg).save_pretrained(str(d))
-        tok.save_pretrained(str(d))
-        dirs.append(str(d))
+    h = shape["hidden"]
+    paths, _ = build_llama_pair(root, words, vocab_size=shape["vocab"], hidden=h, intermediate=4 * h,
+                                layers=shape["layers"], heads=max(4, h // 64), max_positions=2 * shape["context"])
+    dirs = [str(d) for d in paths]
     # documents of 60-400 words; about 3x the rows a run needs (a harvest and the evaluations)
     rng = np.random.default_rng(0)
     need = 3 * shape["steps"] * shape["batch"]
