@@ -13,9 +13,10 @@
 //     row_scale [N, S] fp32, only for fp8: the per-row, per-segment dequantisation scale
 //     seg_offsets [S + 1] int64, the column ranges of the S segments (sources): 0 = o_0 < ... = D
 //
-//   gather_shards(srcs, shard_ids, local_rows, out, dtype, col_scale, row_scales, seg_offsets)
+//   gather_shards(srcs, shard_ids, local_rows, out, dtype, col_scale, row_scales, seg_offsets, threads=0)
 //     the same over a list of shards: row i is srcs[shard_ids[i]][local_rows[i]]; one OpenMP
-//     loop for the whole batch, so a batch shuffled across shards costs one call.
+//     loop for the whole batch, so a batch shuffled across shards costs one call. threads > 0
+//     caps its OpenMP team (the reader's prefetch thread uses 1: see fastxc.data.store).
 //
 //   willneed(srcs, shard_ids, local_rows)
 //     madvise(MADV_WILLNEED) on the pages holding each row: the kernel starts reading them
@@ -146,9 +147,14 @@ struct ShardView {
 template <typename T, float (*CONVERT)(T)>
 void gather_impl(const std::vector<ShardView>& shards, const int32_t* shard_ids, const int64_t* rows,
                  int64_t n_out, int64_t width, float* out, const float* col, const int64_t* seg,
-                 int64_t n_seg) {
+                 int64_t n_seg, int threads) {
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static)
+#ifdef _OPENMP
+  const int nt = threads > 0 ? threads : omp_get_max_threads();
+#else
+  const int nt = 1;
+#endif
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t i = 0; i < n_out; ++i) {
     const ShardView& sh = shards[shard_ids ? shard_ids[i] : 0];
     const int64_t r = rows[i];
@@ -217,16 +223,16 @@ const float* col_scale_ptr(const py::array_t<float, py::array::c_style | py::arr
 
 void dispatch(const std::string& dtype, const std::vector<ShardView>& shards, const int32_t* ids,
               const int64_t* rows, int64_t n_out, int64_t width, float* out, const float* col,
-              const std::vector<int64_t>& seg) {
+              const std::vector<int64_t>& seg, int threads = 0) {
   const int64_t n_seg = static_cast<int64_t>(seg.size()) - 1;
   if (dtype == "bfloat16") {
-    gather_impl<uint16_t, bf16_to_f32>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg);
+    gather_impl<uint16_t, bf16_to_f32>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg, threads);
   } else if (dtype == "float16") {
-    gather_impl<uint16_t, f16_to_f32>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg);
+    gather_impl<uint16_t, f16_to_f32>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg, threads);
   } else if (dtype == "float32") {
-    gather_impl<float, f32_identity>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg);
+    gather_impl<float, f32_identity>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg, threads);
   } else {
-    gather_impl<uint8_t, fp8_to_f32>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg);
+    gather_impl<uint8_t, fp8_to_f32>(shards, ids, rows, n_out, width, out, col, seg.data(), n_seg, threads);
   }
 }
 
@@ -261,7 +267,7 @@ void gather_shards(py::list srcs, py::array_t<int32_t, py::array::c_style | py::
                    py::array_t<int64_t, py::array::c_style | py::array::forcecast> local_rows,
                    py::array_t<float, py::array::c_style> out, const std::string& dtype,
                    py::array_t<float, py::array::c_style | py::array::forcecast> col_scale,
-                   py::object row_scales, py::object seg_offsets) {
+                   py::object row_scales, py::object seg_offsets, int threads) {
   const int64_t item = item_size(dtype);
   const bool fp8 = dtype == "float8_e4m3fn";
   if (srcs.size() == 0) throw std::invalid_argument("gather_shards: srcs is empty");
@@ -290,7 +296,8 @@ void gather_shards(py::list srcs, py::array_t<int32_t, py::array::c_style | py::
     if (rp[i] < 0 || rp[i] >= shards[ip[i]].n_rows) throw std::out_of_range("gather_shards: row id out of range");
   }
   py::buffer_info o = out_info(out, n_out, width);
-  dispatch(dtype, shards, ip, rp, n_out, width, static_cast<float*>(o.ptr), col_scale_ptr(col_scale, width), seg);
+  dispatch(dtype, shards, ip, rp, n_out, width, static_cast<float*>(o.ptr), col_scale_ptr(col_scale, width), seg,
+           threads);
 }
 
 // Returns how many madvise calls succeeded (0 where the platform has no madvise).
@@ -400,8 +407,9 @@ PYBIND11_MODULE(_C, m) {
         "bf16/fp16 (uint16 view), fp32 or fp8 e4m3fn (uint8 view).");
   m.def("gather_shards", &gather_shards, py::arg("srcs"), py::arg("shard_ids"), py::arg("local_rows"),
         py::arg("out"), py::arg("dtype"), py::arg("col_scale"), py::arg("row_scales") = py::none(),
-        py::arg("seg_offsets") = py::none(),
-        "out[i] = float32(srcs[shard_ids[i]][local_rows[i]]) * col_scale (* row scale for fp8).");
+        py::arg("seg_offsets") = py::none(), py::arg("threads") = 0,
+        "out[i] = float32(srcs[shard_ids[i]][local_rows[i]]) * col_scale (* row scale for fp8); "
+        "threads: OpenMP threads (0: the default).");
   m.def("willneed", &willneed, py::arg("srcs"), py::arg("shard_ids"), py::arg("local_rows"),
         "madvise(MADV_WILLNEED) the pages of the given rows (asynchronous read-ahead).");
   m.def("permute", &permute, py::arg("idx"), py::arg("n"), py::arg("key"), py::arg("rounds") = 6,

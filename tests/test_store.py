@@ -346,6 +346,23 @@ def test_cpp_gather_scales_and_errors():
                          "float32", col)
 
 
+def test_cpp_gather_shards_with_one_thread_equals_the_team(monkeypatch):
+    """The prefetch thread gathers with one OpenMP thread (store.PREFETCH_GATHER_THREADS): the
+    same rows, bit for bit, as the full team; and the prefetched batches are the synchronous ones."""
+    a, b = np.random.randn(300, 7).astype(np.float32), np.random.randn(200, 7).astype(np.float32)
+    ids = np.random.randint(0, 2, 1000).astype(np.int32)
+    rows = np.where(ids == 0, np.random.randint(0, 300, 1000), np.random.randint(0, 200, 1000))
+    col = np.random.rand(7).astype(np.float32)
+    outs = []
+    for threads in (0, 1, 3):
+        out = np.empty((1000, 7), np.float32)
+        _C.gather_shards([a, b], ids, rows, out, "float32", col, threads=threads)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], np.where((ids == 0)[:, None], a[rows.clip(max=299)], b[rows.clip(max=199)]) * col)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+
+
 def test_many_shards_raise_open_file_limit(tmp_path):
     resource = pytest.importorskip("resource")
     write_store(tmp_path / "s", torch.randn(120, 2, 4), shard_rows=1)  # 120 shard files
