@@ -28,7 +28,7 @@ each command starts with a known program, and every ``--flag`` given to ``python
 ``python -m fastxc[.]<cmd>``, ``fastxc <cmd>`` or ``torchrun`` (its own flags and those after
 ``-m fastxc.train``) exists in that command's parser, so a renamed flag fails without the slow run.
 
-test_readme_shell_blocks_run (slow: 8.5 min on 2 cores, 3.5 of them ``pytest bench/``) copies the repository
+test_readme_shell_blocks_run (slow: 13.5 min on 2 cores, about 6 of them ``pytest bench/``) copies the repository
 (``git ls-files -co --exclude-standard``, plus the built ``fastxc/_C*.so`` so that nothing is
 compiled) into a temporary folder and runs the runnable blocks there in README order, with
 ``PYTHONPATH=<copy>`` (the installed editable package is not re-pointed), this interpreter's
