@@ -58,6 +58,13 @@ def build_model(path: Path, arch: str, tok, hidden: int = 32, layers: int = 4, s
     return path
 
 
+def model_pair(root):
+    """Two tiny Llama models (seeds 1, 2) sharing one tokenizer under ``root``: {"a": dir, "b": dir}."""
+    tok = build_tokenizer(root / "tok")
+    return {"a": str(build_model(root / "a", "llama", tok, seed=1)),
+            "b": str(build_model(root / "b", "llama", tok, seed=2))}
+
+
 def write_jsonl(path: Path, words, n_docs: int, seed: int, field: str = "text") -> Path:
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:

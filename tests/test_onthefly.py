@@ -12,15 +12,13 @@ from fastxc.data.harvest import harvest, plan_harvest
 from fastxc.data.store import open_store
 from fastxc.train import main as train_cli
 from kill_at_checkpoint import kill_at_checkpoint
-from test_harvest import WORDS_A, WORDS_B, build_model, build_tokenizer, write_jsonl
+from test_harvest import WORDS_A, WORDS_B, model_pair, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("otf")
-    tok = build_tokenizer(root / "tok")
-    return {"a": str(build_model(root / "a", "llama", tok, seed=1)),
-            "b": str(build_model(root / "b", "llama", tok, seed=2)),
+    return {**model_pair(root),
             "ga": str(write_jsonl(root / "ga.jsonl", WORDS_A, 200, seed=0)),
             "gb": str(write_jsonl(root / "gb.jsonl", WORDS_B, 200, seed=1))}
 

@@ -18,17 +18,14 @@ from fastxc.data.harvest import HarvestError
 from fastxc.data.models import ModelError
 from fastxc.data.store import StoreError, open_store
 
-from test_harvest import WORDS_A, build_model, build_tokenizer, write_jsonl
+from test_harvest import WORDS_A, model_pair, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Two tiny Llama models sharing a tokenizer, and a 60-document jsonl dataset."""
     root = tmp_path_factory.mktemp("pair")
-    tok = build_tokenizer(root / "tok")
-    return {"a": str(build_model(root / "a", "llama", tok, seed=1)),
-            "b": str(build_model(root / "b", "llama", tok, seed=2)),
-            "ds": write_jsonl(root / "ds.jsonl", WORDS_A, 60, seed=0)}
+    return {**model_pair(root), "ds": write_jsonl(root / "ds.jsonl", WORDS_A, 60, seed=0)}
 
 
 def _with_bad_line(src: Path, dst: Path, line: int, bad: bytes = b'{"text": "the \xff cat"}') -> Path:
