@@ -61,23 +61,29 @@ def write_store_corpus(folder: Path, seed: int, tokens: int, slip_rate: float, s
 def default_store(seed: int = 0, progress: bool = True, tokens: int = DEFAULT_TOKENS,
                   config: OrganismConfig | None = None) -> Path:
     """Path of the embedded default's store (sources "base", "distilled"), built if missing."""
+    cfg = config if config is not None else OrganismConfig(seed=seed)
+    return _organism_store(cfg, store_dir(cfg, tokens), tokens, "store", progress)
+
+
+def _organism_store(cfg: OrganismConfig, root: Path, tokens: int, stream: str, progress: bool) -> Path:
+    """``root/store``: both organism models harvested on ``tokens`` of fresh text drawn from RNG
+    stream ``stream``, built (under pinned numerics) if missing."""
     from fastxc.data.harvest import harvest
     from fastxc.data.store import MANIFEST
 
-    cfg = config if config is not None else OrganismConfig(seed=seed)
-    root = store_dir(cfg, tokens)
     store = root / "store"
     if (store / MANIFEST).is_file():
         return store
     if not numerics.is_pinned():  # harvest under pinned numerics too (see build_organism)
-        run_pinned(["-c", "import sys, json; from fastxc.organism.default import default_store; "
+        run_pinned(["-c", "import sys, json; from pathlib import Path; "
+                          "from fastxc.organism.default import _organism_store; "
                           "from fastxc.organism.build import OrganismConfig; "
-                          "default_store(progress=sys.argv[1] == '1', tokens=int(sys.argv[2]), "
-                          "config=OrganismConfig(**json.loads(sys.argv[3])))",
-                    "1" if progress else "0", str(tokens), json.dumps(dataclasses.asdict(cfg))])
+                          "_organism_store(OrganismConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), "
+                          "int(sys.argv[3]), sys.argv[4], sys.argv[5] == '1')",
+                    json.dumps(dataclasses.asdict(cfg)), str(root), str(tokens), stream, "1" if progress else "0"])
         return store
     org = load_organism(cfg, progress=progress)
-    specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate)
+    specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate, stream=stream)
     # The corpus is rewritten identically (seeded), so an interrupted harvest resumes.
     with _quiet_threads(None):
         harvest([str(org.base), str(org.distilled)], store, specs, tokens,
@@ -93,26 +99,9 @@ def heldout_store(seed: int = 0, progress: bool = True, tokens: int = HELDOUT_TO
     """A held-out store for the default store's crosscoders: the same mix and harvest settings,
     texts from another RNG stream (none of the default store's documents), built if missing.
     For held-out FVU: ``fastxc eval --eval-store``."""
-    from fastxc.data.harvest import harvest
-    from fastxc.data.store import MANIFEST
-
     cfg = OrganismConfig(seed=seed)
     root = fastxc_home() / "stores" / f"organism-{cfg.key()}-s{STORE_VERSION}-heldout-t{tokens}"
-    store = root / "store"
-    if (store / MANIFEST).is_file():
-        return store
-    if not numerics.is_pinned():
-        run_pinned(["-c", "import sys; from fastxc.organism.default import heldout_store; "
-                          "heldout_store(int(sys.argv[1]), sys.argv[2] == '1', int(sys.argv[3]))",
-                    str(seed), "1" if progress else "0", str(tokens)])
-        return store
-    org = load_organism(cfg, progress=progress)
-    specs = write_store_corpus(root / "data", cfg.seed, tokens, cfg.slip_rate, stream="heldout-store")
-    with _quiet_threads(None):
-        harvest([str(org.base), str(org.distilled)], store, specs, tokens,
-                context_length=CONTEXT_LENGTH, batch_size=64, seed=cfg.seed, progress=progress,
-                source_names=["base", "distilled"])
-    return store
+    return _organism_store(cfg, root, tokens, "heldout-store", progress)
 
 
 def next_commands(run_dir: str | Path, seed: int = 0) -> list[str]:
