@@ -473,11 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             answers=answers, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             seed=args.seed)
         controls = []
-        for i, v in enumerate(random_directions(direction, args.random_controls, seed=args.seed)):
-            ctl = steer_sweep(models[target], tok, prompts, inp.layer, v, multiples, cats, unit=unit,
-                              answers=answers, max_new_tokens=args.max_new_tokens,
+        unsteered = {r["multiple"]: r for r in sweep if r["multiple"] == 0}
+        for v in random_directions(direction, args.random_controls, seed=args.seed):
+            # multiple 0 adds nothing: the direction's own unsteered run is every control's
+            ctl = steer_sweep(models[target], tok, prompts, inp.layer, v, [m for m in multiples if m != 0],
+                              cats, unit=unit, answers=answers, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed)
-            controls.append([{k: val for k, val in r.items() if k != "samples"} for r in ctl])
+            by_m = {r["multiple"]: r for r in ctl} | unsteered
+            controls.append([{k: val for k, val in by_m[float(m)].items() if k != "samples"} for m in multiples])
         out = out_dir(args, "runs/fastxc-steer")
         res = {"direction": desc, "steered_model": inp.model_names[target], "layer": inp.layer,
                "unit": {"value": unit, "label": unit_label}, "multiples": multiples,
