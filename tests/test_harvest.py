@@ -454,6 +454,24 @@ def test_sigkill_and_rerun_is_identical(tmp_path, zoo, reference):
     assert _digest(out) == reference
 
 
+def test_kill_before_the_first_state_file(tmp_path, zoo, reference):
+    """A kill after the folder was made but before the first state file's rename leaves only
+    that temporary behind: the same command starts afresh. A folder holding anything of the
+    user's is still refused, and left as it was."""
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / f".{H.STATE}.tmp-4242").write_text('{"version"')
+    assert H.main(_cli(zoo, out)) == 0
+    assert _digest(out) == reference
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    (other / f".{H.STATE}.tmp-4242").write_text("")
+    with pytest.raises(HarvestError, match="not an unfinished harvest"):
+        harvest(out=other, progress=False, **_ref_args(zoo))
+    assert sorted(p.name for p in other.iterdir()) == [f".{H.STATE}.tmp-4242", "notes.txt"]
+
+
 def _moment_reached(out: Path, moment: str) -> bool:
     """Whether the harvest writing ``out`` has visibly reached ``moment``."""
     if moment == "start-up":  # the folder exists: the models are loading, no state written yet

@@ -608,14 +608,20 @@ def _open_out(out: Path, config: dict, overwrite: bool) -> dict | None:
                 if not p.exists() or p.stat().st_size != f["bytes"]:
                     raise StoreError(f"{p} does not match {state_path}; remove {out} and start again")
         log.info("resuming %s at batch %d (%d shards, %d rows)", out, st["batches"], len(st["shards"]), st["rows"])
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    elif out.exists() and any(not _is_temporary(p) for p in out.iterdir()) and not overwrite:
+        # A folder holding only our temporaries is one a kill stopped before its first state file
         raise HarvestError(f"{out} exists and is not an unfinished harvest; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     keep = {f["path"] for rec in st["shards"] for f in rec["files"].values()}
     for p in out.iterdir():  # half-written temporaries and shards past the recorded progress
-        if p.name.startswith(".shard-") or (p.name.startswith("shard-") and p.name not in keep):
+        if _is_temporary(p) or (p.name.startswith("shard-") and p.name not in keep):
             p.unlink()
     return st
+
+
+def _is_temporary(p: Path) -> bool:
+    """A half-written file of ours (a shard, or the state/manifest before its rename)."""
+    return p.name.startswith((".shard-", f".{STATE}.tmp-", f".{MANIFEST}.tmp-"))
 
 
 def _discard_unfinished(out: Path, created: bool) -> None:
@@ -626,7 +632,7 @@ def _discard_unfinished(out: Path, created: bool) -> None:
         return
     (out / STATE).unlink(missing_ok=True)
     for p in out.iterdir():
-        if p.name.startswith((".shard-", "shard-", f".{STATE}.tmp-")):
+        if _is_temporary(p) or p.name.startswith("shard-"):
             p.unlink(missing_ok=True)
     if created and not any(out.iterdir()):
         out.rmdir()
