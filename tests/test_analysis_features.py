@@ -233,7 +233,7 @@ def test_most_predictive_feature_by_f1(world):
 
     reader = world["reader"]
     cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
-    best, ranking = most_predictive_feature(open_inputs(cc, world["store"]), ["Wait"], 1)
+    best, ranking = most_predictive_feature(open_inputs(cc, world["store"]), ["Wait"], 1, method="f1")
     fired = cc.encode(cc.flatten_input(reader.read_rows(np.arange(len(reader))))) > 0  # [N, F]
     target = torch.zeros(len(reader), dtype=torch.bool)
     target[marker_rows(reader, world["tok"], ["Wait"])] = True
@@ -243,6 +243,34 @@ def test_most_predictive_feature_by_f1(world):
     want = max((k for k in range(cc.n_features) if nrn[k] > 0.5 and tp[k] > 0), key=lambda k: float(f1[k]))
     assert float(f1[best]) == pytest.approx(float(f1[want]), rel=1e-5)
     assert ranking[0][1] == pytest.approx(float(f1[best]), rel=1e-5)
+
+
+@pytest.mark.parametrize("source", [1, 0])
+def test_most_predictive_feature_by_activation(world, source):
+    """The default pick (the seed study's): among the live features in the top fraction of NRN
+    toward the steered model (5% by default; 30% here, where few random features fire before
+    "Wait"), the largest mean activation right before "Wait", by brute force."""
+    from fastxc.analysis.inputs import open_inputs
+    from fastxc.analysis.diff import relative_norms
+    from fastxc.analysis.reasoning import marker_rows
+    from fastxc.analysis.steer import most_predictive_feature
+
+    reader = world["reader"]
+    cc = random_crosscoder([WIDTH, WIDTH], scales=reader.scales)
+    best, ranking = most_predictive_feature(open_inputs(cc, world["store"]), ["Wait"], source, top_nrn=0.3)
+    code = cc.encode(cc.flatten_input(reader.read_rows(np.arange(len(reader))))).float()  # [N, F]
+    nrn = relative_norms(cc).nrn
+    toward = nrn if source == 1 else 1 - nrn
+    live = [k for k in range(cc.n_features) if code[:, k].max() > 0 and not torch.isnan(nrn[k])]
+    top = [k for k in live if sum(float(toward[j]) < float(toward[k]) for j in live) >= 0.7 * len(live)]
+    before = code[marker_rows(reader, world["tok"], ["Wait"])].mean(0)
+    want = max((k for k in top if before[k] > 0), key=lambda k: float(before[k]))
+    assert best == want and ranking[0][1] == pytest.approx(float(before[want]), rel=1e-5)
+    assert {k for k, _ in ranking} == {k for k in top if before[k] > 0}
+    from fastxc.analysis.hooks import AnalysisError
+
+    with pytest.raises(AnalysisError, match="top_nrn"):
+        most_predictive_feature(open_inputs(cc, world["store"]), ["Wait"], source, top_nrn=0)
 
 
 def test_feature_direction_units(world):
@@ -335,9 +363,14 @@ def test_steer_cli(world, tmp_path, capsys):
                "--diff-means", "self-reflection", "--multiples", "0,1", "--max-new-tokens", "3", "--out", str(tmp_path / "o2")])
     assert rc == 0, capsys.readouterr().err
     rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
-               "--feature", "auto:self-reflection", "--multiples", "0,1", "--max-new-tokens", "2", "--out", str(tmp_path / "o3")])
+               "--feature", "auto:self-reflection", "--top-nrn", "0.3", "--multiples", "0,1", "--max-new-tokens", "2",
+               "--out", str(tmp_path / "o3")])
     assert rc == 0, capsys.readouterr().err
     assert "most self-reflection-predictive feature of distilled" in capsys.readouterr().out
+    rc = main(["--crosscoder", str(cc), "--store", str(world["store"]), "--prompts", str(tmp_path / "p.txt"),
+               "--feature", "auto:self-reflection", "--top-nrn", "1.5", "--out", str(tmp_path / "o4")])
+    assert rc == 2 and "top_nrn must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "o4").exists()
     bad = identity_crosscoder([8, 8]).save(tmp_path / "bad")
     rc = main(["--crosscoder", str(bad), "--model-a", world["paths"][0], "--model-b", world["paths"][1],
                "--layer", str(LAYER), "--prompts", str(tmp_path / "p.txt"), "--feature", "1", "--alpha-unit", "raw"])

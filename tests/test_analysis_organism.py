@@ -56,8 +56,9 @@ def test_ablating_distilled_self_reflection_features_lowers_wait(organism):
 
 
 def test_steering_with_wait_feature_overthinks(organism):
-    """Seed section 5: the most Wait-predictive distilled-leaning feature raises "Wait" per token
-    >= 5x at some alpha <= 8 x its mean activation, and thinking gets longer."""
+    """Seed section 5: steer's default pick (the most active feature before "Wait" among the top
+    5% NRN toward distilled) raises "Wait" per token >= 5x at some alpha <= 8 x its mean
+    activation, and thinking gets longer."""
     from fastxc.analysis.inputs import read_texts
     from fastxc.analysis.diff import feature_activity
     from fastxc.analysis.steer import feature_direction, most_predictive_feature, steer_sweep
@@ -73,7 +74,7 @@ def test_steering_with_wait_feature_overthinks(organism):
                         mults, {"self-reflection": ("Wait",)}, unit=mean_act, answers=answers, max_new_tokens=160,
                         temperature=0.7, seed=0)
     base = sweep[0]
-    print(f"\nfeature {best} (F1 of firing vs next token Wait {ranking[0][1]:.3f}), mean activation {mean_act:.3f}")
+    print(f"\nfeature {best} (mean activation before Wait {ranking[0][1]:.3f}), mean activation {mean_act:.3f}")
     for r in sweep:
         c = r["coherence"]
         print(f"  alpha {r['multiple']:g} x mean: Wait/token {r['rate']['self-reflection']:.4f} "

@@ -76,7 +76,10 @@ def diff_means_direction(reader, tokenizer, words: Sequence[str], source: int, n
     return (mean(pos) - mean(others)).float()
 
 
-PREDICT_METHODS = ("f1", "ablation")
+PREDICT_METHODS = ("activation", "f1", "ablation")
+# "activation" candidates: the live features NRN puts in this top fraction toward the steered
+# model, the seed study's "unique to the distilled model" end of the NRN ordering (its section 4).
+TOP_NRN = 0.05
 # Steering strengths, multiples of the unit: steps of 0.5 up to 2 and then doubling, so that the
 # strength where over-thinking starts to break </think> (between 1x and 2x on the organism) is
 # resolved, and 8x shows the saturated end.
@@ -84,13 +87,20 @@ DEFAULT_MULTIPLES = "0,0.5,1,1.5,2,3,4,8"
 
 
 def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min: float = 0.5,
-                            method: str = "f1", max_candidates: int = 32, n_positions: int = 64,
-                            context: int = 128, seed: int = 0, max_rows: int | None = 200_000
-                            ) -> tuple[int, list[tuple[int, float]]]:
+                            method: str = "activation", max_candidates: int = 32, n_positions: int = 64,
+                            context: int = 128, seed: int = 0, max_rows: int | None = 200_000,
+                            top_nrn: float = TOP_NRN) -> tuple[int, list[tuple[int, float]]]:
     """The ``source``-leaning feature that best predicts the markers.
 
-    Candidates: features active just before the markers whose NRN leans to ``source`` (NRN >
-    nrn_min for source 1, NRN < 1 - nrn_min for source 0). ``method``:
+    ``method``:
+
+    - ``"activation"`` (the seed study's protocol): among the live features (active on any of
+      the first ``max_rows`` store rows) whose NRN is in the ``top_nrn`` fraction toward
+      ``source`` (the highest NRN for source 1, the lowest for source 0), the one with the
+      largest mean activation over the positions just before the markers (score: that mean);
+
+    For the other two, candidates are the features active just before the markers whose NRN
+    leans to ``source`` (NRN > nrn_min for source 1, NRN < 1 - nrn_min for source 0):
 
     - ``"f1"``: "the feature fires" as a predictor of "the next token is a marker" over store
       rows: F1 of its precision and recall (score higher = better);
@@ -113,6 +123,22 @@ def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min:
         raise AnalysisError(f"no position before the markers {list(words)} in store {reader.path}")
     act = category_activity(cc, reader, rows)
     nrn = relative_norms(cc, 0, 1).nrn
+    scan = min(len(reader), max_rows) if max_rows else len(reader)
+    if method == "activation":
+        if not 0 < top_nrn <= 1:
+            raise AnalysisError(f"top_nrn must be in (0, 1], got {top_nrn}")
+        live = (feature_activity(cc, reader, n_rows=scan, n_top=1).freq > 0) & ~torch.isnan(nrn)
+        toward = nrn if source == 1 else 1 - nrn
+        live_toward = toward[live]
+        # a feature's place among the live ones: the fraction of them it leans further than
+        place = (live_toward[None, :] < toward[:, None]).float().mean(1)
+        score = act.freq * act.mean_act  # mean activation over all the positions before a marker
+        ranking = sorted(((int(k), float(score[k])) for k in torch.nonzero(live & (place >= 1 - top_nrn)).flatten()
+                          if score[k] > 0), key=lambda t: -t[1])
+        if not ranking:
+            raise AnalysisError(f"none of the top {100 * top_nrn:g}% NRN features toward source {source} "
+                                f"is active before {list(words)}")
+        return ranking[0][0], ranking
     lean = nrn > nrn_min if source == 1 else nrn < 1 - nrn_min
     cand = [int(k) for k in act.active if lean[k]]
     if not cand:
@@ -122,7 +148,6 @@ def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min:
 
         ranking = rank_features(inp, words, cand[:max_candidates], source, n_positions, context, seed)
         return ranking[0][0], ranking
-    scan = min(len(reader), max_rows) if max_rows else len(reader)
     rows_in = rows[rows < scan]
     if len(rows_in) == 0:
         raise AnalysisError(f"no marker position among the first {scan} store rows")
@@ -370,7 +395,8 @@ def _cli_direction(args, inp, cats: dict, target: int, feats: list[int],
     if auto:
         if auto not in cats:
             raise AnalysisError(f"unknown category {auto!r}; known: {', '.join(cats)}")
-        best, ranking = most_predictive_feature(inp, cats[auto], target, method=args.predict_by, seed=args.seed)
+        best, ranking = most_predictive_feature(inp, cats[auto], target, method=args.predict_by, seed=args.seed,
+                                                top_nrn=args.top_nrn)
         print(f"most {auto}-predictive feature of {cc.source_names[target]}: {best} "
               f"({args.predict_by} score {ranking[0][1]:+.3f})")
         feats = [best]
@@ -416,8 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", default=None,
                    help="comma-separated crosscoder features to add, or 'auto:CATEGORY': the steered model's "
                         "most marker-predictive leaning feature (see --predict-by)")
-    p.add_argument("--predict-by", default="f1", choices=PREDICT_METHODS,
-                   help="how --feature auto picks: F1 of firing vs the next token being a marker, or single-feature ablation")
+    p.add_argument("--predict-by", default="activation", choices=PREDICT_METHODS,
+                   help="how --feature auto picks: the most active feature right before the markers among the "
+                        f"top {100 * TOP_NRN:g}%% NRN (the seed study's), F1 of firing vs the next token being a "
+                        "marker, or single-feature ablation")
+    p.add_argument("--top-nrn", type=float, default=TOP_NRN, metavar="FRACTION",
+                   help="--predict-by activation: the candidates are the live features in this top fraction of NRN "
+                        "toward the steered model")
     p.add_argument("--diff-means", default=None, metavar="CATEGORY",
                    help="steer with the difference-of-means direction of a marker category instead")
     p.add_argument("--direction-from", default="a", choices=("a", "b"), help="model whose activations give --diff-means")
