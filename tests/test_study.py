@@ -78,6 +78,7 @@ def test_seed003_check():
     (["--crosscoder-seeds", "a,b"], "expected comma-separated integers"),
     (["--crosscoder-seeds", "1,1"], "expected distinct seeds"),
     (["--n-questions", "0"], "--n-questions"),
+    (["--k", "0"], "--k"),
 ])
 def test_bad_flags_are_one_error_line_and_nothing_written(tmp_path, capsys, flags, msg):
     from fastxc.study.__main__ import main
@@ -90,6 +91,22 @@ def test_bad_flags_are_one_error_line_and_nothing_written(tmp_path, capsys, flag
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and msg in err[0], err
     assert not out.exists()
+
+
+def test_a_finished_run_of_another_k_is_refused(tmp_path):
+    """--k into a folder whose crosscoders were trained with another k: an error, not a silent reuse."""
+    import json
+
+    from fastxc.study.run import StudyError, _train
+
+    run = tmp_path / "crosscoder-seed0"
+    (run / "crosscoder").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    (run / "crosscoder" / "model.safetensors").write_bytes(b"x")
+    (run / "crosscoder" / "config.json").write_text(json.dumps({"k": 16}))
+    _train(tmp_path / "no-store", run, 0, False, ("--k", "16"))  # the same k: reused, nothing trained
+    with pytest.raises(StudyError, match="k 16, not 32"):
+        _train(tmp_path / "no-store", run, 0, False, ("--k", "32"))
 
 
 def test_steer_defaults_are_the_study_protocol():

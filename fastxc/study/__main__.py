@@ -37,6 +37,8 @@ def build_parser():
                    help="held-out questions of the organism's own evaluation")
     p.add_argument("--max-new-tokens", type=int, default=160,
                    help="tokens generated per question, organism eval and steering")
+    p.add_argument("--k", type=int, default=None,
+                   help="k of the TopK crosscoders (default: fastxc train's); the ReLU + L1 one has none")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -47,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     numerics.pin()  # before torch starts (a no-op when it already has: the caller's choice)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.organism_seed < 0 or args.n_questions < 1 or args.max_new_tokens < 1:
-        print("error: --organism-seed must be >= 0, --n-questions and --max-new-tokens >= 1", file=sys.stderr)
+    if args.organism_seed < 0 or args.n_questions < 1 or args.max_new_tokens < 1 or (args.k is not None and args.k < 1):
+        print("error: --organism-seed must be >= 0, --n-questions, --max-new-tokens and --k >= 1", file=sys.stderr)
         return 2
     from pathlib import Path
 
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = StudyConfig(out=Path(args.out), organism_seed=args.organism_seed,
                       crosscoder_seeds=args.crosscoder_seeds, n_questions=args.n_questions,
-                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress, k=args.k)
     try:
         run_study(cfg, argv)
     except (StudyError, ValueError, OSError) as e:

@@ -56,6 +56,7 @@ class StudyConfig:
     analyses: tuple[str, ...] = ("eval", "diff", "reasoning", "ablate", "steer")
     compare_relu: bool = True  # also the seed study's ReLU + decoder-norm L1 crosscoder (first seed)
     seed003: bool = True  # base's difference-of-means direction steering both models, with controls
+    k: int | None = None  # the TopK crosscoders' k (None: fastxc train's default)
 
 
 # ------------------------------------------------------------------------------ hashes
@@ -126,6 +127,11 @@ def _train(store: Path, run: Path, seed: int, progress: bool, flags: Sequence[st
     from fastxc.train import main as train_main
 
     if (run / "summary.json").is_file() and (run / "crosscoder" / "model.safetensors").is_file():
+        if "--k" in flags:  # a finished run of another k is not this study's crosscoder
+            have = json.loads((run / "crosscoder" / "config.json").read_text()).get("k")
+            want = int(flags[list(flags).index("--k") + 1])
+            if have != want:
+                raise StudyError(f"{run} holds a crosscoder with k {have}, not {want}: choose another --out")
         return
     argv = ["--store", str(store), "--out", str(run), "--seed", str(seed), "--resume-if-exists", *flags]
     _command(train_main, argv + ([] if progress else ["--no-progress"]), f"training crosscoder seed {seed}")
@@ -328,7 +334,7 @@ def run_study(cfg: StudyConfig, argv: Sequence[str] | None = None) -> dict:
     for i, seed in enumerate(cfg.crosscoder_seeds):
         run = out / f"crosscoder-seed{seed}"
         t0 = time.perf_counter()
-        _train(store, run, seed, cfg.progress)
+        _train(store, run, seed, cfg.progress, () if cfg.k is None else ("--k", str(cfg.k)))
         _say(f"crosscoder seed {seed} trained ({time.perf_counter() - t0:.0f} s); analyses:")
         _analyses(cfg, run / "crosscoder", store, questions, run / "analysis", geometry=i == 0)
         _command(report_cmd.main, ["--runs", str(run / "analysis"), "--out", str(run / "report.html")], "report")
