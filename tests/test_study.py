@@ -104,9 +104,9 @@ def test_a_finished_run_of_another_k_is_refused(tmp_path):
     (run / "summary.json").write_text("{}")
     (run / "crosscoder" / "model.safetensors").write_bytes(b"x")
     (run / "crosscoder" / "config.json").write_text(json.dumps({"k": 16}))
-    _train(tmp_path / "no-store", run, 0, False, ("--k", "16"))  # the same k: reused, nothing trained
+    _train(tmp_path / "no-store", run, 0, False, k=16)  # the same k: reused, nothing trained
     with pytest.raises(StudyError, match="k 16, not 32"):
-        _train(tmp_path / "no-store", run, 0, False, ("--k", "32"))
+        _train(tmp_path / "no-store", run, 0, False, k=32)
 
 
 def test_steer_defaults_are_the_study_protocol():

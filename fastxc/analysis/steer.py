@@ -129,9 +129,10 @@ def most_predictive_feature(inp, words: Sequence[str], source: int = 1, nrn_min:
             raise AnalysisError(f"top_nrn must be in (0, 1], got {top_nrn}")
         live = (feature_activity(cc, reader, n_rows=scan, n_top=1).freq > 0) & ~torch.isnan(nrn)
         toward = nrn if source == 1 else 1 - nrn
-        live_toward = toward[live]
         # a feature's place among the live ones: the fraction of them it leans further than
-        place = (live_toward[None, :] < toward[:, None]).float().mean(1)
+        # (a sorted search, not an [F, F] comparison: F may be 65k)
+        live_toward = toward[live].sort().values
+        place = torch.searchsorted(live_toward, toward.contiguous(), side="left").float() / max(len(live_toward), 1)
         score = act.freq * act.mean_act  # mean activation over all the positions before a marker
         ranking = sorted(((int(k), float(score[k])) for k in torch.nonzero(live & (place >= 1 - top_nrn)).flatten()
                           if score[k] > 0), key=lambda t: -t[1])

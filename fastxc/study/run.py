@@ -121,17 +121,19 @@ def _organism_eval(cfg: StudyConfig, org, out: Path) -> dict:
     return res
 
 
-def _train(store: Path, run: Path, seed: int, progress: bool, flags: Sequence[str] = ()) -> None:
-    """The default crosscoder config (with ``flags``) on ``store`` into ``run`` (resumed if a
-    checkpoint is there)."""
+def _train(store: Path, run: Path, seed: int, progress: bool, flags: Sequence[str] = (),
+           k: int | None = None) -> None:
+    """The default crosscoder config (with ``flags``; ``k``: a TopK run's k other than the
+    default) on ``store`` into ``run`` (resumed if a checkpoint is there)."""
     from fastxc.train import main as train_main
 
+    if k is not None:
+        flags = (*flags, "--k", str(k))
     if (run / "summary.json").is_file() and (run / "crosscoder" / "model.safetensors").is_file():
-        if "--k" in flags:  # a finished run of another k is not this study's crosscoder
+        if k is not None:  # a finished run of another k is not this study's crosscoder
             have = json.loads((run / "crosscoder" / "config.json").read_text()).get("k")
-            want = int(flags[list(flags).index("--k") + 1])
-            if have != want:
-                raise StudyError(f"{run} holds a crosscoder with k {have}, not {want}: choose another --out")
+            if have != k:
+                raise StudyError(f"{run} holds a crosscoder with k {have}, not {k}: choose another --out")
         return
     argv = ["--store", str(store), "--out", str(run), "--seed", str(seed), "--resume-if-exists", *flags]
     _command(train_main, argv + ([] if progress else ["--no-progress"]), f"training crosscoder seed {seed}")
@@ -334,7 +336,7 @@ def run_study(cfg: StudyConfig, argv: Sequence[str] | None = None) -> dict:
     for i, seed in enumerate(cfg.crosscoder_seeds):
         run = out / f"crosscoder-seed{seed}"
         t0 = time.perf_counter()
-        _train(store, run, seed, cfg.progress, () if cfg.k is None else ("--k", str(cfg.k)))
+        _train(store, run, seed, cfg.progress, k=cfg.k)
         _say(f"crosscoder seed {seed} trained ({time.perf_counter() - t0:.0f} s); analyses:")
         _analyses(cfg, run / "crosscoder", store, questions, run / "analysis", geometry=i == 0)
         _command(report_cmd.main, ["--runs", str(run / "analysis"), "--out", str(run / "report.html")], "report")
