@@ -79,6 +79,7 @@ def test_seed003_check():
     (["--crosscoder-seeds", "1,1"], "expected distinct seeds"),
     (["--n-questions", "0"], "--n-questions"),
     (["--k", "0"], "--k"),
+    (["--distill-steps", "0"], "--distill-steps"),
 ])
 def test_bad_flags_are_one_error_line_and_nothing_written(tmp_path, capsys, flags, msg):
     from fastxc.study.__main__ import main
@@ -107,6 +108,27 @@ def test_a_finished_run_of_another_k_is_refused(tmp_path):
     _train(tmp_path / "no-store", run, 0, False, k=16)  # the same k: reused, nothing trained
     with pytest.raises(StudyError, match="k 16, not 32"):
         _train(tmp_path / "no-store", run, 0, False, k=32)
+
+
+def test_a_study_of_another_organism_is_refused(tmp_path, capsys, monkeypatch):
+    """--distill-steps into a folder studied on the default organism: one error line, exit 2,
+    before any organism is built or anything in the folder changes."""
+    from fastxc.organism.build import OrganismConfig
+    from fastxc.study.__main__ import main
+    from fastxc.study.run import ORGANISM_KEY_FILE, StudyConfig, organism_config
+
+    monkeypatch.setenv("FASTXC_HOME", str(tmp_path / "home"))
+    assert organism_config(StudyConfig(out=tmp_path, organism_seed=1)) == OrganismConfig(seed=1)
+    assert organism_config(StudyConfig(out=tmp_path, distill_steps=7)).distill_steps == 7
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / ORGANISM_KEY_FILE).write_text(OrganismConfig(seed=0).key() + "\n")
+    before = (out / ORGANISM_KEY_FILE).read_bytes()
+    assert main(["--out", str(out), "--distill-steps", "7", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a study of organism v" in err[0] and "choose another --out" in err[0], err
+    assert (out / ORGANISM_KEY_FILE).read_bytes() == before and sorted(p.name for p in out.iterdir()) == [ORGANISM_KEY_FILE]
+    assert not (tmp_path / "home").exists()  # nothing built
 
 
 def test_steer_defaults_are_the_study_protocol():

@@ -2,6 +2,7 @@
 
     python -m fastxc.study --out runs/study                       # organism seed 0, crosscoders 0,1,2
     python -m fastxc.study --organism-seed 1 --crosscoder-seeds 0 --out runs/study-o1
+    python -m fastxc.study --distill-steps 2000 --out runs/study-d2000   # a longer fine-tuned organism
 
 The process pins its CPU numerics before torch starts (``fastxc.core.numerics``), like the
 embedded default, so the stages give the same bytes on every x86-64 machine; ``study.json``
@@ -39,6 +40,8 @@ def build_parser():
                    help="tokens generated per question, organism eval and steering")
     p.add_argument("--k", type=int, default=None,
                    help="k of the TopK crosscoders (default: fastxc train's); the ReLU + L1 one has none")
+    p.add_argument("--distill-steps", type=int, default=None,
+                   help="fine-tuning steps of the organism's distilled model (default: the organism's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -49,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     numerics.pin()  # before torch starts (a no-op when it already has: the caller's choice)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.organism_seed < 0 or args.n_questions < 1 or args.max_new_tokens < 1 or (args.k is not None and args.k < 1):
-        print("error: --organism-seed must be >= 0, --n-questions, --max-new-tokens and --k >= 1", file=sys.stderr)
+    optional = (args.k, args.distill_steps)
+    if args.organism_seed < 0 or args.n_questions < 1 or args.max_new_tokens < 1 or \
+            any(v is not None and v < 1 for v in optional):
+        print("error: --organism-seed must be >= 0, --n-questions, --max-new-tokens, --k and --distill-steps >= 1",
+              file=sys.stderr)
         return 2
     from pathlib import Path
 
@@ -58,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = StudyConfig(out=Path(args.out), organism_seed=args.organism_seed,
                       crosscoder_seeds=args.crosscoder_seeds, n_questions=args.n_questions,
-                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress, k=args.k)
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress, k=args.k,
+                      distill_steps=args.distill_steps)
     try:
         run_study(cfg, argv)
     except (StudyError, ValueError, OSError) as e:

@@ -39,6 +39,7 @@ SEED003_CONTROLS = 3  # matched-norm random directions per steered model
 SEED003_RATIO = 2.0
 RELU_FLAGS = ("--activation", "relu")  # the seed study's crosscoder: ReLU + decoder-norm-weighted L1
 NRN_SET = "nrn>0.5"
+ORGANISM_KEY_FILE = "organism-key"  # the cache key of the organism a study folder was made from
 
 
 class StudyError(RuntimeError):
@@ -57,6 +58,7 @@ class StudyConfig:
     compare_relu: bool = True  # also the seed study's ReLU + decoder-norm L1 crosscoder (first seed)
     seed003: bool = True  # base's difference-of-means direction steering both models, with controls
     k: int | None = None  # the TopK crosscoders' k (None: fastxc train's default)
+    distill_steps: int | None = None  # the organism's fine-tuning steps (None: the organism's default)
 
 
 # ------------------------------------------------------------------------------ hashes
@@ -87,10 +89,17 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _organism_stage(cfg: StudyConfig):
-    from fastxc.organism.build import OrganismConfig, load_organism, reproduces
+def organism_config(cfg: StudyConfig):
+    """The ``OrganismConfig`` a study runs on: the default one of its seed, with its overrides."""
+    from fastxc.organism.build import OrganismConfig
 
-    ocfg = OrganismConfig(seed=cfg.organism_seed)
+    extra = {} if cfg.distill_steps is None else {"distill_steps": cfg.distill_steps}
+    return OrganismConfig(seed=cfg.organism_seed, **extra)
+
+
+def _organism_stage(cfg: StudyConfig, ocfg):
+    from fastxc.organism.build import load_organism, reproduces
+
     org = load_organism(ocfg, progress=cfg.progress)
     stage = {"key": ocfg.key(), "path": str(org.root), "sha256": org.info.get("sha256"),
              "reproduces_recorded": reproduces(org)}
@@ -323,9 +332,15 @@ def run_study(cfg: StudyConfig, argv: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     _say(f"organism seed {cfg.organism_seed}, crosscoder seeds {list(cfg.crosscoder_seeds)} -> {out}")
-    ocfg, org, org_stage = _organism_stage(cfg)
+    # Everything in --out is made from one organism: a study of another is refused, not mixed in.
+    ocfg, key_file = organism_config(cfg), out / ORGANISM_KEY_FILE
+    if key_file.is_file() and key_file.read_text().strip() != ocfg.key():
+        raise StudyError(f"{out} holds a study of organism {key_file.read_text().strip()}, "
+                         f"not {ocfg.key()}: choose another --out")
+    key_file.write_text(ocfg.key() + "\n")
+    ocfg, org, org_stage = _organism_stage(cfg, ocfg)
     _say(f"organism {org.root} (recorded weights: {org_stage['reproduces_recorded']})")
-    store = default_store(seed=cfg.organism_seed, progress=cfg.progress)
+    store = default_store(progress=cfg.progress, config=ocfg)
     stages = {"organism": org_stage, "store": {"path": str(store), "sha256": tree_sha256(store)},
               "crosscoders": {}}
     _say(f"store {store}")
