@@ -82,7 +82,8 @@ def main(argv=None) -> int:
             losses = _train(model, [trace_s, general_s], [1 - cfg.general_mix, cfg.general_mix], steps,
                             cfg.distill_lr, cfg, cfg.seed + 1, f"distill {steps}", True)
             p_slip, p_ok = wait_detection(model, held, tok)
-            rep = marker_report(sample(model, qs, tokenizer=tok), answers=answers)
+            # sampled as fastxc.study's organism evaluation samples (its seed is the organism's)
+            rep = marker_report(sample(model, qs, seed=args.seed, tokenizer=tok), answers=answers)
             row = {"distill_steps": steps, "train_s": round(time.time() - t0, 1), "train_losses": losses,
                    "heldout_trace_loss": round(trace_loss(model, tok, held), 4),
                    "p_wait_after_slip": round(p_slip, 4), "p_wait_after_correct": round(p_ok, 4),
