@@ -4,8 +4,8 @@ The criterion is the organism's own skill, not any crosscoder figure: how well d
 detects a slipped step (teacher-forced P("Wait") at the end of a slipped sentence against the
 end of a correct one, on the held-out traces), its held-out trace loss, and whether its sampled
 answers are correct. Base is the cached default base of the seed (its training does not depend
-on ``distill_steps``); each setting fine-tunes a fresh copy of it exactly as ``build_organism``
-does.
+on ``distill_steps``); each setting fine-tunes a fresh copy of it with ``build_organism``'s own
+``distill``.
 
     python bench/sweep_distill_steps.py --seed 0 --steps 500,1000,2000 --out runs/sweep-distill-seed0.json
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ numerics.pin()  # before torch starts: the same CPU numerics as build_organism
 
 import torch  # noqa: E402
 
-from fastxc.organism.build import OrganismConfig, _quiet_threads, _stream, _train, load_organism
+from fastxc.organism.build import OrganismConfig, _quiet_threads, _stream, distill, load_organism
 from fastxc.organism.corpus import build_corpus
 from fastxc.organism.evaluate import heldout_answers, heldout_questions, marker_report, sample, wait_detection
 
@@ -73,14 +72,9 @@ def main(argv=None) -> int:
     for steps in args.steps:
         cfg = OrganismConfig(seed=args.seed, distill_steps=steps)
         model = copy.deepcopy(base)
-        for layer in model.model.layers[cfg.n_layers // 2:]:
-            layer.requires_grad_(False)
-        model.model.norm.requires_grad_(False)
         t0 = time.time()
-        random.seed(cfg.seed)
         with _quiet_threads(None):
-            losses = _train(model, [trace_s, general_s], [1 - cfg.general_mix, cfg.general_mix], steps,
-                            cfg.distill_lr, cfg, cfg.seed + 1, f"distill {steps}", True)
+            losses = distill(model, trace_s, general_s, cfg, True, desc=f"distill {steps}")
             p_slip, p_ok = wait_detection(model, held, tok)
             # sampled as fastxc.study's organism evaluation samples (its seed is the organism's)
             rep = marker_report(sample(model, qs, seed=args.seed, tokenizer=tok), answers=answers)

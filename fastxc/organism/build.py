@@ -192,6 +192,18 @@ def _train(model, streams: list[torch.Tensor], probs: list[float], steps: int, l
     return losses
 
 
+def distill(model, trace_s: torch.Tensor, general_s: torch.Tensor, cfg: OrganismConfig, progress: bool,
+            desc: str = "organism: distilled") -> list[float]:
+    """Fine-tune base ``model`` into distilled in place: ``cfg.distill_steps`` on the trace stream
+    with ``cfg.general_mix`` of general text. Returns ``_train``'s losses."""
+    # Layers from half depth up (and the final norm) stay base's; see the module docstring.
+    for layer in model.model.layers[cfg.n_layers // 2:]:
+        layer.requires_grad_(False)
+    model.model.norm.requires_grad_(False)
+    return _train(model, [trace_s, general_s], [1.0 - cfg.general_mix, cfg.general_mix], cfg.distill_steps,
+                  cfg.distill_lr, cfg, cfg.seed + 1, desc, progress)
+
+
 def _new_model(cfg: OrganismConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -270,13 +282,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), out: str | Path | Non
         timings["base_s"] = round(time.time() - t, 1)
 
         t = time.time()
-        mix = [1.0 - cfg.general_mix, cfg.general_mix]
-        # Layers from half depth up (and the final norm) stay base's; see the module docstring.
-        for layer in model.model.layers[cfg.n_layers // 2:]:
-            layer.requires_grad_(False)
-        model.model.norm.requires_grad_(False)
-        distill_losses = _train(model, [trace_s, general_s], mix, cfg.distill_steps,
-                                cfg.distill_lr, cfg, cfg.seed + 1, "organism: distilled", progress)
+        distill_losses = distill(model, trace_s, general_s, cfg, progress)
         model.save_pretrained(str(tmp / "distilled"))
         tokenizer.save_pretrained(str(tmp / "distilled"))
         timings["distilled_s"] = round(time.time() - t, 1)

@@ -98,12 +98,13 @@ def organism_config(cfg: StudyConfig):
 
 
 def _organism_stage(cfg: StudyConfig, ocfg):
+    """The built (or cached) organism of ``ocfg`` and its stage record for study.json."""
     from fastxc.organism.build import load_organism, reproduces
 
     org = load_organism(ocfg, progress=cfg.progress)
     stage = {"key": ocfg.key(), "path": str(org.root), "sha256": org.info.get("sha256"),
              "reproduces_recorded": reproduces(org)}
-    return ocfg, org, stage
+    return org, stage
 
 
 def _organism_eval(cfg: StudyConfig, org, out: Path) -> dict:
@@ -334,11 +335,12 @@ def run_study(cfg: StudyConfig, argv: Sequence[str] | None = None) -> dict:
     _say(f"organism seed {cfg.organism_seed}, crosscoder seeds {list(cfg.crosscoder_seeds)} -> {out}")
     # Everything in --out is made from one organism: a study of another is refused, not mixed in.
     ocfg, key_file = organism_config(cfg), out / ORGANISM_KEY_FILE
-    if key_file.is_file() and key_file.read_text().strip() != ocfg.key():
-        raise StudyError(f"{out} holds a study of organism {key_file.read_text().strip()}, "
-                         f"not {ocfg.key()}: choose another --out")
-    key_file.write_text(ocfg.key() + "\n")
-    ocfg, org, org_stage = _organism_stage(cfg, ocfg)
+    have = key_file.read_text().strip() if key_file.is_file() else None
+    if have is not None and have != ocfg.key():
+        raise StudyError(f"{out} holds a study of organism {have}, not {ocfg.key()}: choose another --out")
+    if have is None:
+        key_file.write_text(ocfg.key() + "\n")
+    org, org_stage = _organism_stage(cfg, ocfg)
     _say(f"organism {org.root} (recorded weights: {org_stage['reproduces_recorded']})")
     store = default_store(progress=cfg.progress, config=ocfg)
     stages = {"organism": org_stage, "store": {"path": str(store), "sha256": tree_sha256(store)},
