@@ -69,8 +69,14 @@ def test_wandb_offline_writes_a_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
     out = tmp_path / "run"
     assert main(TINY + ["--log", "wandb", "--out", str(out)]) == 0
+    # wandb's service writes the .wandb file behind run.finish() and closes it when the process
+    # ends (its atexit hook, what a `python -m fastxc.train` user gets); in this process, wait as
+    # that hook does. Without it the file was read half-written in 1 of 5 runs after test_sweep.
+    wandb.teardown()
     runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb-dir").rglob("*"))
     run_id = (out / "wandb-run-id").read_text().strip()
