@@ -109,6 +109,30 @@ def test_device_auto_is_the_default_and_bad_devices_are_one_line(tmp_path, capsy
     assert main(TINY + out) == 0  # auto
 
 
+def test_aux_k_that_cannot_act_is_one_warning_line(tmp_path, capsys):
+    """AuxK trains features silent for --dead-tokens rows: a run shorter than twice that (the
+    defaults: 1M of 1.02M rows) or a relu run gets one warning line; a run where AuxK acts none."""
+    cases = {  # flags -> the warning's text (None: no warning)
+        ("--aux-k", "8", "--steps", "20"): "on at most the last 0% of this run's 1280 rows; lower --dead-tokens",
+        ("--aux-k", "8", "--steps", "20", "--dead-tokens", "1000"): "on at most the last 22% of this run's 1280 rows",
+        ("--aux-k", "8", "--steps", "20", "--dead-tokens", "640"): None,
+        ("--aux-k", "8", "--steps", "20", "--dead-tokens", "64", "--activation", "relu"):
+            "--aux-k 8 is ignored: AuxK applies to topk and batchtopk, not relu",
+        ("--steps", "20"): None,
+    }
+    for i, (flags, want) in enumerate(cases.items()):
+        assert main(TINY + list(flags) + ["--out", str(tmp_path / str(i))]) == 0
+        warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: --aux-k")]
+        assert len(warnings) == (want is not None) and (want is None or want in warnings[0]), (flags, warnings)
+    # a sweep names the run
+    (tmp_path / "sweep.json").write_text(json.dumps({"runs": [{"name": "a", "aux_k": 8}, {"name": "b"}]}))
+    assert main(TINY + ["--steps", "20", "--sweep", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "sw")]) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: run a: --aux-k 8 acts only"), warnings
+    # the defaults: AuxK could act on only the last 2% of a default run
+    assert "last 2% of this run's 1024000 rows" in TrainConfig(aux_k=128).aux_k_warning()
+
+
 def test_metrics_jsonl_and_summary(tmp_path):
     res = train(TrainConfig(source="synthetic", widths="16,16", n_features=64, k=4, batch_size=64, steps=60, log_every=20,
                             out=str(tmp_path), progress=False, synthetic_shared=8, synthetic_unique=8))

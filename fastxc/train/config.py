@@ -89,7 +89,8 @@ class TrainConfig:
     l1_warmup_frac: float = _doc("fraction of steps over which the sparsity coefficient warms up from 0 (relu L1, jumprelu L0)",
                                  default=0.05)
     dec_init_norm: float = _doc("per-source decoder row norm at init", default=0.1)
-    dead_tokens: int = _doc("a feature silent for this many tokens counts as dead", default=1_000_000)
+    dead_tokens: int = _doc("a feature silent for this many rows counts as dead (AuxK's target and the logged dead "
+                            "count; none is dead before this many rows)", default=1_000_000)
     # optimisation
     steps: int = _doc("training steps", default=2000)
     batch_size: int = _doc("rows per step", default=512)
@@ -165,6 +166,24 @@ class TrainConfig:
         if self.parallel == "features" and self.activation == "jumprelu":
             raise TrainError("--activation jumprelu does not run under --parallel features yet; use --parallel data or none")
         self.parsed_widths()
+
+    def aux_k_warning(self) -> str | None:
+        """One ``warning:`` line when --aux-k is set but can do little in this run, else None.
+
+        AuxK trains only the features silent for --dead-tokens rows, so it acts at most on the
+        rows after the first --dead-tokens: with the defaults (1M, and 2000 x 512 = 1.02M rows
+        per run) that is the last 2% of the run. It applies to topk and batchtopk only.
+        """
+        if self.aux_k == 0:
+            return None
+        if self.activation not in ("topk", "batchtopk"):
+            return f"warning: --aux-k {self.aux_k} is ignored: AuxK applies to topk and batchtopk, not {self.activation}"
+        rows = self.steps * self.batch_size
+        if self.dead_tokens * 2 > rows:
+            share = max(0.0, 1 - self.dead_tokens / rows)
+            return (f"warning: --aux-k {self.aux_k} acts only on features silent for --dead-tokens {self.dead_tokens} rows, "
+                    f"so on at most the last {100 * share:.0f}% of this run's {rows} rows; lower --dead-tokens")
+        return None
 
     def model_list(self) -> list[str]:
         """The models to train straight from (--model-a, --model-b, then each --model)."""
