@@ -44,13 +44,12 @@ CONFIGS = {  # name -> fastxc train flags
     "topk-k64": ["--activation", "topk", "--k", "64"],
     "batchtopk-k16": ["--activation", "batchtopk", "--k", "16"],
     "relu-l1": ["--activation", "relu"],  # the seed study's: ReLU + decoder-norm-weighted L1
-    # With AuxK (Gao et al. 2024): half the concatenated input width (2 x 128) as aux_k, and a
-    # feature silent for 50k rows (5% of the 1.02M-row run) counts as dead. At train's default
-    # --dead-tokens (1M) AuxK could act only in the run's last 2%.
-    **{f"{name}-auxk": [*flags, "--aux-k", "128", "--dead-tokens", "50000"] for name, flags in (
-        ("topk-k8", ["--activation", "topk", "--k", "8"]), ("topk-k16", ["--activation", "topk", "--k", "16"]),
-        ("topk-k32", ["--activation", "topk", "--k", "32"]), ("batchtopk-k16", ["--activation", "batchtopk", "--k", "16"]))},
 }
+# With AuxK (Gao et al. 2024): half the concatenated input width (2 x 128) as aux_k, and a
+# feature silent for 50k rows (5% of the 1.02M-row run) counts as dead. At train's default
+# --dead-tokens (1M) AuxK could act only in the run's last 2%.
+AUXK = ["--aux-k", "128", "--dead-tokens", "50000"]
+CONFIGS.update({f"{name}-auxk": [*CONFIGS[name], *AUXK] for name in ("topk-k8", "topk-k16", "topk-k32", "batchtopk-k16")})
 MIN_RECOVERED = 0.99
 MAX_DEAD = 0.10
 MAX_ARTEFACTS = 0.10  # of the latents NRN calls exclusive (NRN > 0.9 or < 0.1)

@@ -168,7 +168,7 @@ class TrainConfig:
         self.parsed_widths()
 
     def aux_k_warning(self) -> str | None:
-        """One ``warning:`` line when --aux-k is set but can do little in this run, else None.
+        """Why --aux-k can do little in this run (a warning's text), or None.
 
         AuxK trains only the features silent for --dead-tokens rows, so it acts at most on the
         rows after the first --dead-tokens: with the defaults (1M, and 2000 x 512 = 1.02M rows
@@ -177,11 +177,11 @@ class TrainConfig:
         if self.aux_k == 0:
             return None
         if self.activation not in ("topk", "batchtopk"):
-            return f"warning: --aux-k {self.aux_k} is ignored: AuxK applies to topk and batchtopk, not {self.activation}"
+            return f"--aux-k {self.aux_k} is ignored: AuxK applies to topk and batchtopk, not {self.activation}"
         rows = self.steps * self.batch_size
         if self.dead_tokens * 2 > rows:
             share = max(0.0, 1 - self.dead_tokens / rows)
-            return (f"warning: --aux-k {self.aux_k} acts only on features silent for --dead-tokens {self.dead_tokens} rows, "
+            return (f"--aux-k {self.aux_k} acts only on features silent for --dead-tokens {self.dead_tokens} rows, "
                     f"so on at most the last {100 * share:.0f}% of this run's {rows} rows; lower --dead-tokens")
         return None
 

@@ -432,8 +432,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise
     print(f"fastxc: training a {cfg.activation} crosscoder, widths {run.data.widths}, F={cfg.n_features}"
           + (f", k={cfg.k}" if cfg.activation in ("topk", "batchtopk") else "") + f" on {run.data.description}", file=sys.stderr)
-    if run.is_main and cfg.aux_k_warning():
-        print(cfg.aux_k_warning(), file=sys.stderr)
+    if run.is_main and (why := cfg.aux_k_warning()):
+        print(f"warning: {why}", file=sys.stderr)
     names = run.data.source_names or [str(i) for i in range(len(run.data.widths))]
     run.backends = loggers.MetricLoggers(cfg, run.out, run.step, names) if run.is_main else None
     try:

@@ -229,8 +229,8 @@ def train_sweep(sweep: Sweep) -> dict[str, loop.TrainResult]:
         print(f"fastxc: a sweep of {len(runs)} crosscoders on {data.description}, into {base.out}/: "
               + ", ".join(f"{n} ({_describe(r.cfg)})" for n, r in runs.items()), file=sys.stderr)
         for n, r in runs.items():
-            if r.cfg.aux_k_warning():
-                print(r.cfg.aux_k_warning().replace("warning: ", f"warning: run {n}: ", 1), file=sys.stderr)
+            if why := r.cfg.aux_k_warning():
+                print(f"warning: run {n}: {why}", file=sys.stderr)
         names = data.source_names or [str(i) for i in range(len(data.widths))]
         for run in runs.values():
             run.backends = loggers.MetricLoggers(run.cfg, run.out, run.step, names)
